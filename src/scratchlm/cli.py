@@ -1,0 +1,135 @@
+"""The `scratchlm` command. Sub-commands follow the pipeline: `scratchlm tokenizer train|encode|stats`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from scratchlm.errors import ScratchLMError
+
+DEFAULT_SPECIAL = "<|endoftext|>"
+
+
+def _corpus_files(specs: list[str]) -> list[Path]:
+    from scratchlm.data.sources import resolve_corpus
+
+    return [path for spec in specs for path in resolve_corpus(spec)]
+
+
+def _read_text(paths: list[Path], limit_bytes: int | None = None) -> str:
+    from scratchlm.tokenizer.pretokenize import decode_utf8
+
+    data = b"".join(p.read_bytes() for p in paths)
+    if limit_bytes:
+        data = data[:limit_bytes]
+        data = data[: len(data.decode("utf-8", "ignore").encode())]  # do not cut a character in two
+    return decode_utf8(data, paths[0] if len(paths) == 1 else Path("+".join(p.name for p in paths[:3])), 0)
+
+
+def _print_stats(tokenizer, paths: list[Path], name: str, gpt2_dir: str | None, limit: int, top: int) -> None:
+    from scratchlm.tokenizer import stats
+
+    text = _read_text(paths, limit)
+    found = stats.find_gpt2_dir(gpt2_dir)
+    gpt2 = stats.load_gpt2(found) if found else None
+    rows = stats.compare(tokenizer, text, gpt2)
+    print(stats.format_report(tokenizer, rows, name, len(text.encode()), top))
+    if gpt2 is None:
+        print("(GPT-2 row left out: pass --gpt2-dir DIR holding gpt2_vocab.json and gpt2_merges.txt)")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from scratchlm.tokenizer import Tokenizer, train_bpe
+
+    paths = _corpus_files(args.corpus)
+    size = sum(p.stat().st_size for p in paths)
+    print(f"training byte-level BPE: {len(paths)} file(s), {size / 1e6:.1f} MB, vocab_size {args.vocab_size:,}")
+    start = time.perf_counter()
+    vocab, merges = train_bpe(paths, args.vocab_size, args.special_token, workers=args.workers, progress=True)
+    elapsed = time.perf_counter() - start
+    tokenizer = Tokenizer(vocab, merges, args.special_token)
+    tokenizer.save(args.out)
+    print(f"trained in {elapsed:.1f} s ({size / 1e6 / elapsed:.1f} MB/s); saved to {args.out}/ "
+          "(vocab.json, merges.txt, tokenizer.json)")  # fmt: skip
+    _print_stats(tokenizer, paths, "the training corpus", args.gpt2_dir, args.stats_bytes, args.top)
+
+
+def cmd_tokenizer_encode(args: argparse.Namespace) -> None:
+    from scratchlm.data.encode import encode_files
+    from scratchlm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(args.tokenizer)
+    paths = _corpus_files(args.inputs)
+    start = time.perf_counter()
+    meta = encode_files(tokenizer, paths, args.out, workers=args.workers, eot_after_each_file=not args.no_eot)
+    elapsed = time.perf_counter() - start
+    print(f"{meta['tokens']:,} tokens ({meta['dtype']}) from {meta['bytes']:,} bytes in {elapsed:.1f} s "
+          f"({meta['bytes'] / 1e6 / elapsed:.1f} MB/s) -> {args.out}")  # fmt: skip
+
+
+def cmd_tokenizer_stats(args: argparse.Namespace) -> None:
+    from scratchlm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(args.tokenizer)
+    paths = _corpus_files(args.text)
+    _print_stats(tokenizer, paths, ", ".join(args.text), args.gpt2_dir, args.stats_bytes, args.top)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scratchlm", description=__doc__)
+    stages = parser.add_subparsers(dest="stage", required=True)
+
+    tok = stages.add_parser("tokenizer", help="train, apply and inspect byte-level BPE tokenizers")
+    tok_cmds = tok.add_subparsers(dest="command", required=True)
+
+    def stats_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--gpt2-dir", help="folder with gpt2_vocab.json + gpt2_merges.txt for the GPT-2 row")
+        p.add_argument("--stats-bytes", type=int, default=2_000_000, help="measure on the first N bytes")
+        p.add_argument("--top", type=int, default=10, help="how many of the longest tokens to list")
+
+    train = tok_cmds.add_parser("train", help="train a tokenizer on text files and print its statistics")
+    train.add_argument("--corpus", nargs="+", default=["shakespeare"],
+                       help="'shakespeare' (default), text files, or folders of .txt files")  # fmt: skip
+    train.add_argument("--vocab-size", type=int, default=10_000)
+    train.add_argument("--special-token", action="append", default=None,
+                       help=f"a special token (repeatable; default {DEFAULT_SPECIAL})")  # fmt: skip
+    train.add_argument("--out", default="runs/tokenizer", help="output directory (default runs/tokenizer)")
+    train.add_argument("--workers", type=int, default=None, help="processes for pre-tokenization (default: all cores)")
+    stats_options(train)
+    train.set_defaults(func=cmd_tokenizer_train)
+
+    enc = tok_cmds.add_parser("encode", help="encode text files into a token array (.bin + .json sidecar)")
+    enc.add_argument("inputs", nargs="+", help="text files, folders of .txt files, or 'shakespeare'")
+    enc.add_argument("--tokenizer", required=True, help="tokenizer directory written by `tokenizer train`")
+    enc.add_argument("--out", required=True, help="output token file, e.g. data/train.bin")
+    enc.add_argument("--workers", type=int, default=None)
+    enc.add_argument("--no-eot", action="store_true", help="do not append <|endoftext|> after each file")
+    enc.set_defaults(func=cmd_tokenizer_encode)
+
+    st = tok_cmds.add_parser("stats", help="compression and longest tokens, against byte/char/word and GPT-2")
+    st.add_argument("--tokenizer", required=True)
+    st.add_argument("--text", nargs="+", default=["shakespeare"], help="text to measure on")
+    stats_options(st)
+    st.set_defaults(func=cmd_tokenizer_stats)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "special_token", "unset") is None:
+        args.special_token = [DEFAULT_SPECIAL]
+    try:
+        args.func(args)
+    except ScratchLMError as exc:
+        print(f"scratchlm: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("scratchlm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

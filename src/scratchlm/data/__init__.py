@@ -1,0 +1,1 @@
+"""Corpora and token arrays: where text comes from and how it becomes tokens on disk."""

@@ -1,0 +1,127 @@
+"""Text files -> one token array on disk, in parallel and in bounded memory.
+
+The output is a flat array of token ids (`uint16` when every id fits, else `uint32`) that
+`numpy.memmap` reads directly, plus a JSON sidecar `<name>.json`:
+`{"tokenizer": fingerprint, "dtype", "tokens", "bytes", "files", "eot_after_each_file"}`.
+Files are cut into chunks at safe pre-token boundaries, chunks are encoded by worker processes and
+written in order to a temporary file that is renamed into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from scratchlm.atomic import atomic_open, atomic_write_text
+from scratchlm.errors import ScratchLMError
+from scratchlm.parallel import map_bounded
+from scratchlm.tokenizer.bpe import Tokenizer
+from scratchlm.tokenizer.pretokenize import decode_utf8, read_chunks
+
+EOT = "<|endoftext|>"
+ENCODE_CHUNK_BYTES = 1 << 20
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def _init_worker(vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]], specials: list[str]) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(vocab, merges, specials)
+
+
+def _encode_chunk(args: tuple[bytes, str, int, str]) -> tuple[bytes, int]:
+    data, path, offset, dtype = args
+    assert _worker_tokenizer is not None
+    ids = _worker_tokenizer.encode(decode_utf8(data, Path(path), offset))
+    return np.asarray(ids, dtype=dtype).tobytes(), len(data)
+
+
+def encode_files(
+    tokenizer: Tokenizer,
+    paths: Sequence[str | os.PathLike],
+    out_path: str | os.PathLike,
+    workers: int | None = None,
+    eot_after_each_file: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Encode `paths` (in order) into `out_path`; returns the sidecar metadata it also writes."""
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if not path.is_file():
+            raise ScratchLMError(f"input file not found: {path}")
+    out_path = Path(out_path)
+    dtype = token_dtype(tokenizer.vocab_size)
+    eot_id = tokenizer.special_ids.get(EOT) if eot_after_each_file else None
+    total_bytes = sum(p.stat().st_size for p in paths)
+    workers = workers or os.cpu_count() or 1
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer  # the in-process path (workers == 1) uses it directly
+
+    def items() -> Iterator[tuple[bytes, str, int, str]]:
+        for path in paths:
+            offset = 0
+            for chunk in read_chunks(path, tokenizer.splitter, ENCODE_CHUNK_BYTES):
+                yield chunk, str(path), offset, dtype.str
+                offset += len(chunk)
+            yield b"", str(path), -1, dtype.str  # end-of-file marker
+
+    n_tokens = 0
+    specials = tokenizer.special_tokens
+    with (
+        atomic_open(out_path) as out,
+        tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"encode {out_path.name}", disable=not progress) as bar,
+    ):
+        results = map_bounded(
+            _encode_chunk, items(), workers, initializer=_init_worker,
+            initargs=(tokenizer.vocab, tokenizer.merges, specials),
+        )  # fmt: skip
+        for data, n_bytes in results:
+            if n_bytes == 0 and not data:  # a file ended
+                if eot_id is not None:
+                    out.write(np.asarray([eot_id], dtype=dtype).tobytes())
+                    n_tokens += 1
+                continue
+            out.write(data)
+            n_tokens += len(data) // dtype.itemsize
+            bar.update(n_bytes)
+            bar.set_postfix(tokens=n_tokens)
+    meta = {
+        "tokenizer": tokenizer.fingerprint,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype.name,
+        "tokens": n_tokens,
+        "bytes": total_bytes,
+        "files": [str(p) for p in paths],
+        "eot_after_each_file": eot_id is not None,
+    }
+    atomic_write_text(sidecar_path(out_path), json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def sidecar_path(token_path: str | os.PathLike) -> Path:
+    return Path(token_path).with_suffix(".json")
+
+
+def load_tokens(token_path: str | os.PathLike) -> tuple[np.memmap, dict]:
+    """Memory-map a token array and read its sidecar."""
+    token_path = Path(token_path)
+    meta_path = sidecar_path(token_path)
+    try:
+        meta = json.loads(meta_path.read_text("utf-8"))
+        dtype = np.dtype(meta["dtype"])
+    except FileNotFoundError:
+        raise ScratchLMError(f"{meta_path} is missing: encode the corpus with `scratchlm tokenizer encode`") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ScratchLMError(f"{meta_path}: not a token-array sidecar ({exc})") from None
+    if not token_path.is_file():
+        raise ScratchLMError(f"token array not found: {token_path}")
+    return np.memmap(token_path, dtype=dtype, mode="r"), meta

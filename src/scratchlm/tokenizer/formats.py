@@ -1,0 +1,172 @@
+"""Tokenizer files: GPT-2 `vocab.json` + `merges.txt`, Hugging Face `tokenizer.json`, tiktoken.
+
+GPT-2 stores byte strings as printable unicode strings: each of the 256 byte values maps to one
+character (printable bytes to themselves, the rest to U+0100 onwards), so a space is `Ġ`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+from scratchlm.atomic import atomic_write_text
+from scratchlm.errors import ScratchLMError
+from scratchlm.tokenizer.pretokenize import GPT2_PATTERN
+
+
+@cache
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from each byte value to a printable character."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+@cache
+def unicode_to_bytes() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def token_to_string(token: bytes) -> str:
+    table = bytes_to_unicode()
+    return "".join(table[b] for b in token)
+
+
+def string_to_token(text: str, where: str) -> bytes:
+    table = unicode_to_bytes()
+    try:
+        return bytes(table[c] for c in text)
+    except KeyError as exc:
+        raise ScratchLMError(
+            f"{where}: {text!r} is not a GPT-2 byte-level token (character {exc.args[0]!r} maps to no byte)"
+        ) from None
+
+
+def read_vocab_json(path: Path, special_tokens: Sequence[str]) -> dict[int, bytes]:
+    """id -> bytes from a GPT-2 `vocab.json` (special tokens are stored as plain strings)."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ScratchLMError(f"cannot read vocabulary file {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ScratchLMError(f"{path}: not a JSON vocabulary ({exc})") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, int) and v >= 0 for v in raw.values()):
+        raise ScratchLMError(f"{path}: expected a JSON object mapping token strings to non-negative ids")
+    specials = set(special_tokens)
+    vocab: dict[int, bytes] = {}
+    for text, token_id in raw.items():
+        if token_id in vocab:
+            raise ScratchLMError(f"{path}: id {token_id} is given to two tokens")
+        vocab[token_id] = text.encode() if text in specials else string_to_token(text, f"{path}: token {token_id}")
+    return vocab
+
+
+def read_merges_txt(path: Path) -> list[tuple[bytes, bytes]]:
+    """Merges in rank order from a GPT-2 `merges.txt` (an optional `#version` line is skipped)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+    except OSError as exc:
+        raise ScratchLMError(f"cannot read merges file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ScratchLMError(f"{path}: not UTF-8 text ({exc})") from None
+    merges = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or (number == 1 and line.startswith("#version")):
+            continue
+        parts = line.rstrip("\r").split(" ")
+        if len(parts) != 2 or not all(parts):
+            raise ScratchLMError(f"{path}, line {number}: expected two tokens separated by one space, got {line!r}")
+        where = f"{path}, line {number}"
+        merges.append((string_to_token(parts[0], where), string_to_token(parts[1], where)))
+    return merges
+
+
+def write_vocab_json(path: Path, vocab: dict[int, bytes], special_tokens: Sequence[str]) -> None:
+    special_ids = {i for i, b in vocab.items() if b.decode("utf-8", "replace") in set(special_tokens)}
+    entries = {(vocab[i].decode() if i in special_ids else token_to_string(vocab[i])): i for i in sorted(vocab)}
+    atomic_write_text(path, json.dumps(entries, ensure_ascii=False, indent=1) + "\n")
+
+
+def write_merges_txt(path: Path, merges: Sequence[tuple[bytes, bytes]]) -> None:
+    lines = ["#version: 0.2", *(f"{token_to_string(a)} {token_to_string(b)}" for a, b in merges)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def huggingface_json(
+    vocab: dict[int, bytes], merges: Sequence[tuple[bytes, bytes]], special_ids: dict[str, int]
+) -> dict:
+    """A `tokenizer.json` that `tokenizers.Tokenizer.from_file` loads and that gives identical ids."""
+    specials_by_id = {i: s for s, i in special_ids.items()}
+    model_vocab = {specials_by_id.get(i) or token_to_string(vocab[i]): i for i in sorted(vocab)}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": s,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for s, i in sorted(special_ids.items(), key=lambda kv: kv[1])
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": True,
+            "use_regex": True,
+        },
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": model_vocab,
+            "merges": [[token_to_string(a), token_to_string(b)] for a, b in merges],
+        },
+    }
+
+
+def tiktoken_encoding(
+    name: str, vocab: dict[int, bytes], merges: Sequence[tuple[bytes, bytes]], special_ids: dict[str, int]
+):
+    """A `tiktoken.Encoding` with identical ids.
+
+    tiktoken merges by the rank of the merged byte string, so this needs the ids of merge results
+    to rise with merge order (true for GPT-2 and for every vocabulary `train_bpe` makes).
+    """
+    import tiktoken
+
+    id_of = {b: i for i, b in vocab.items() if i not in special_ids.values()}
+    previous = -1
+    for rank, (a, b) in enumerate(merges):
+        token_id = id_of.get(a + b, -1)
+        if token_id <= previous:
+            raise ScratchLMError(
+                f"merge {rank} ({a!r} + {b!r}) does not produce a token with a higher id than the merge before "
+                "it: tiktoken cannot express this merge order"
+            )
+        previous = token_id
+    return tiktoken.Encoding(name, pat_str=GPT2_PATTERN, mergeable_ranks=id_of, special_tokens=dict(special_ids))

@@ -1,0 +1,190 @@
+"""Byte-level BPE training.
+
+1. Pre-token counting (parallel, streaming): each file is read in blocks cut at safe boundaries
+   (see `SpecialTokenSplitter.safe_cut`); worker processes split each chunk on special tokens,
+   pre-tokenize it with the GPT-2 pattern and count pre-tokens. Memory grows with the number of
+   distinct pre-tokens, not with the corpus.
+2. Merging: every distinct pre-token becomes a sequence of token ids with a count. Pair counts are
+   kept in a dict, an index maps each pair to the pre-tokens that contain it, and a lazy max-heap
+   yields the most frequent pair (ties: the lexicographically greater `(bytes_a, bytes_b)`). After a
+   merge only the pre-tokens that held the pair are rewritten and their pair counts adjusted.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from scratchlm.errors import ScratchLMError
+from scratchlm.parallel import map_bounded
+from scratchlm.tokenizer import fast
+from scratchlm.tokenizer.pretokenize import SpecialTokenSplitter, decode_utf8, read_chunks
+
+
+def _count_chunk(args: tuple[bytes, Sequence[str], str, int]) -> tuple[Counter[str], int]:
+    data, special_tokens, path, offset = args
+    text = decode_utf8(data, Path(path), offset)
+    counts: Counter[str] = Counter()
+    for segment in SpecialTokenSplitter(special_tokens).ordinary_segments(text):
+        fast.count_pretokens(segment, counts)
+    return counts, len(data)
+
+
+def count_pretokens(
+    paths: Sequence[Path],
+    special_tokens: Sequence[str] = (),
+    workers: int | None = None,
+    progress: bool = False,
+) -> Counter[str]:
+    """Count GPT-2 pre-tokens over files, in parallel, holding a bounded number of chunks at once."""
+    splitter = SpecialTokenSplitter(special_tokens)
+    workers = workers or os.cpu_count() or 1
+
+    def work_items() -> Iterator[tuple[bytes, Sequence[str], str, int]]:
+        for path in paths:
+            offset = 0
+            for chunk in read_chunks(path, splitter):
+                yield chunk, special_tokens, str(path), offset
+                offset += len(chunk)
+
+    totals: Counter[str] = Counter()
+    total_bytes = sum(p.stat().st_size for p in paths)
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="count pre-tokens", disable=not progress) as bar:
+        for counts, n_bytes in map_bounded(_count_chunk, work_items(), workers):
+            totals.update(counts)
+            bar.update(n_bytes)
+    return totals
+
+
+def _inverted(token: bytes) -> tuple[int, ...]:
+    """A key that sorts byte strings in reverse lexicographic order (a prefix sorts after)."""
+    return (*(255 - b for b in token), 256)
+
+
+def train_bpe_from_counts(
+    word_counts: dict[str, int], vocab_size: int, special_tokens: Sequence[str] = (), progress: bool = False
+) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    """Learn merges from pre-token counts. Ids: 0-255 bytes, then special tokens, then merges."""
+    special_tokens = list(dict.fromkeys(special_tokens))
+    vocab: dict[int, bytes] = {i: bytes([i]) for i in range(256)}
+    for token in special_tokens:
+        vocab[len(vocab)] = token.encode("utf-8")
+    if vocab_size < len(vocab):
+        raise ScratchLMError(
+            f"vocab_size {vocab_size} is too small: the 256 byte values and {len(special_tokens)} "
+            f"special token(s) already need {len(vocab)}"
+        )
+    key_of = {i: _inverted(b) for i, b in vocab.items()}
+
+    words: list[list[int]] = []
+    counts: list[int] = []
+    for word, count in word_counts.items():
+        ids = list(word.encode("utf-8"))
+        if len(ids) > 1:
+            words.append(ids)
+            counts.append(count)
+
+    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
+    where: dict[tuple[int, int], set[int]] = defaultdict(set)
+    for w, (ids, count) in enumerate(zip(words, counts, strict=True)):
+        for pair in itertools.pairwise(ids):
+            pair_counts[pair] += count
+            where[pair].add(w)
+    heap = [(-c, key_of[a], key_of[b], a, b) for (a, b), c in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges: list[tuple[bytes, bytes]] = []
+    id_of_bytes = {b: i for i, b in vocab.items() if i < 256}
+    bar = tqdm(total=vocab_size - len(vocab), desc="merges", unit="tok", disable=not progress)
+    while len(vocab) < vocab_size and heap:
+        neg, _, _, a, b = heapq.heappop(heap)
+        if pair_counts.get((a, b), 0) != -neg or neg == 0:
+            continue  # stale heap entry
+        merged = vocab[a] + vocab[b]
+        new_id = id_of_bytes.get(merged)
+        if new_id is None:  # the same bytes can arise from two different merges: keep one id
+            new_id = len(vocab)
+            vocab[new_id] = merged
+            id_of_bytes[merged] = new_id
+            key_of[new_id] = _inverted(merged)
+            bar.update(1)
+        merges.append((vocab[a], vocab[b]))
+        changed = _apply_merge(words, counts, (a, b), new_id, pair_counts, where)
+        for pair in changed:
+            c = pair_counts.get(pair, 0)
+            if c > 0:
+                heapq.heappush(heap, (-c, key_of[pair[0]], key_of[pair[1]], *pair))
+    bar.close()
+    return vocab, merges
+
+
+def _apply_merge(
+    words: list[list[int]],
+    counts: list[int],
+    pair: tuple[int, int],
+    new_id: int,
+    pair_counts: dict[tuple[int, int], int],
+    where: dict[tuple[int, int], set[int]],
+) -> set[tuple[int, int]]:
+    """Rewrite the words holding `pair`, updating pair counts; return the pairs whose count changed."""
+    a, b = pair
+    changed: set[tuple[int, int]] = set()
+    for w in where.pop(pair, ()):
+        old = words[w]
+        new: list[int] = []
+        i, n = 0, len(old)
+        while i < n:
+            if i + 1 < n and old[i] == a and old[i + 1] == b:
+                new.append(new_id)
+                i += 2
+            else:
+                new.append(old[i])
+                i += 1
+        if len(new) == n:
+            continue  # stale index entry: the pair left this word in an earlier merge
+        count = counts[w]
+        for p in itertools.pairwise(old):
+            pair_counts[p] -= count
+            changed.add(p)
+        for p in itertools.pairwise(new):
+            pair_counts[p] += count
+            changed.add(p)
+            where[p].add(w)
+        words[w] = new
+    pair_counts.pop(pair, None)
+    changed.discard(pair)
+    return changed
+
+
+def train_bpe(
+    input_paths: str | os.PathLike | Sequence[str | os.PathLike],
+    vocab_size: int,
+    special_tokens: Sequence[str] = (),
+    workers: int | None = None,
+    progress: bool = False,
+) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    """Train a byte-level BPE tokenizer on text files.
+
+    Returns `vocab` (id -> bytes; exactly `vocab_size` entries unless the corpus runs out of pairs)
+    and `merges` in creation order.
+    """
+    if isinstance(input_paths, str | os.PathLike):
+        input_paths = [input_paths]
+    paths = [Path(p) for p in input_paths]
+    if not paths:
+        raise ScratchLMError("no input files given")
+    for path in paths:
+        if not path.is_file():
+            raise ScratchLMError(f"input file not found: {path}")
+    if vocab_size < 256 + len(set(special_tokens)):
+        train_bpe_from_counts({}, vocab_size, special_tokens)  # raises the clear error
+    word_counts = count_pretokens(paths, special_tokens, workers, progress)
+    if not word_counts:
+        raise ScratchLMError(f"the corpus is empty: no text in {', '.join(map(str, paths))}")
+    return train_bpe_from_counts(word_counts, vocab_size, special_tokens, progress)
