@@ -2,7 +2,8 @@
 
 Encoding a text: split off special tokens, pre-tokenize the rest with the GPT-2 pattern, then run
 BPE on each pre-token (cached: natural text repeats its words). BPE on one pre-token starts from its
-UTF-8 bytes and repeatedly merges the adjacent pair whose merge was learned earliest.
+UTF-8 bytes and repeatedly merges the adjacent pair whose merge was learned earliest
+(`fast.bpe_reference`, or the same loop in C).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import chain, pairwise
 from pathlib import Path
 
 from scratchlm.atomic import atomic_write_text
@@ -81,7 +81,7 @@ class Tokenizer:
                 )
             self._ranks.setdefault((ids[0], ids[1]), (rank, ids[2]))
         self.splitter = SpecialTokenSplitter(self.special_tokens)
-        self._cache = _PieceCache(self._bpe)
+        self._cache = _PieceCache(fast.bpe_function(self._ranks, self._byte_ids))
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
@@ -143,37 +143,15 @@ class Tokenizer:
         return h.hexdigest()[:16]
 
     # ----------------------------------------------------------------------------- encode / decode
-    def _bpe(self, piece: str) -> list[int]:
-        """Token ids of one pre-token."""
-        ids = [self._byte_ids[b] for b in piece.encode("utf-8")]
-        ranks = self._ranks
-        while len(ids) > 1:
-            best = min(pairwise(ids), key=lambda pair: ranks.get(pair, (1 << 62,))[0])
-            if best not in ranks:
-                break
-            a, b = best
-            merged = ranks[best][1]
-            out, i, n = [], 0, len(ids)
-            while i < n:
-                if i + 1 < n and ids[i] == a and ids[i + 1] == b:
-                    out.append(merged)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            ids = out
-        return ids
-
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`. Special tokens in the text become their ids."""
         ids: list[int] = []
-        lookup = self._cache.__getitem__
         try:
             for segment, is_special in self.splitter.split(text):
                 if is_special:
                     ids.append(self.special_ids[segment])
                 else:
-                    ids.extend(chain.from_iterable(map(lookup, fast.split(segment))))
+                    fast.encode_pieces(segment, self._cache, ids)
         except UnicodeEncodeError as exc:
             raise _surrogate_error(text) from exc
         return ids
