@@ -1,4 +1,4 @@
-"""Builds the optional C pre-tokenizer; scratchlm works without it (pure Python, slower)."""
+"""Builds the optional C pre-tokenizer and merge loop; scratchlm works without them (pure Python, slower)."""
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -11,7 +11,7 @@ class OptionalBuildExt(build_ext):
         try:
             super().run()
         except Exception as exc:
-            print(f"warning: the C pre-tokenizer was not built ({exc}); using the pure-Python path")
+            print(f"warning: the C extensions were not built ({exc}); using the pure-Python path")
 
     def build_extension(self, ext):
         try:
@@ -22,7 +22,8 @@ class OptionalBuildExt(build_ext):
 
 setup(
     ext_modules=[
-        Extension("scratchlm.tokenizer._pretok", ["src/scratchlm/tokenizer/_pretok.c"], extra_compile_args=["-O3"])
+        Extension(f"scratchlm.tokenizer.{name}", [f"src/scratchlm/tokenizer/{name}.c"], extra_compile_args=["-O3"])
+        for name in ("_pretok", "_merge")
     ],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -74,3 +74,11 @@ def synthetic_text(n_words: int = 20_000, seed: int = 0) -> str:
         " -- ",
     ]
     return "".join(rng.choice(words) + rng.choice(seps) for _ in range(n_words))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Tests never write into the user's ~/.cache/scratchlm (subprocesses inherit this too)."""
+    import os
+
+    os.environ["SCRATCHLM_CACHE"] = str(tmp_path_factory.mktemp("scratchlm-cache"))

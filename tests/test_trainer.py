@@ -106,3 +106,31 @@ def test_invalid_utf8_names_file_and_offset(tmp_path):
     bad.write_bytes(b"hello world\n" * 10 + b"caf\xe9\n")
     with pytest.raises(ScratchLMError, match=r"bad\.txt: not valid UTF-8 at byte 123"):
         train_bpe(bad, 300, workers=1)
+
+
+def _c_merge_built():
+    from scratchlm.tokenizer import trainer
+
+    return trainer._merge is not None
+
+
+@pytest.mark.skipif(not _c_merge_built(), reason="the C merge loop is not built")
+def test_c_merge_loop_equals_python_reference(corpus):
+    from scratchlm.tokenizer.trainer import count_pretokens
+
+    counts = count_pretokens([corpus[0]], ["<|endoftext|>"], workers=1)
+    c = train_bpe_from_counts(counts, 350, ["<|endoftext|>"], use_c=True)
+    assert c == train_bpe_from_counts(counts, 350, ["<|endoftext|>"], use_c=False)
+
+
+@pytest.mark.skipif(not _c_merge_built(), reason="the C merge loop is not built")
+@pytest.mark.parametrize("name", ["moby_dick.txt.gz", "python311_doc_html.txt.gz"])
+def test_c_merge_loop_equals_python_reference_on_real_text(shared_data, name):
+    from conftest import corpus_text
+
+    from scratchlm.tokenizer import fast
+
+    counts = Counter()
+    fast.count_pretokens(corpus_text(shared_data, name)[:1_500_000], counts)
+    c = train_bpe_from_counts(counts, 3000, ["<|endoftext|>"], use_c=True)
+    assert c == train_bpe_from_counts(counts, 3000, ["<|endoftext|>"], use_c=False)

@@ -10,6 +10,7 @@ written in order to a temporary file that is renamed into place only when everyt
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ from scratchlm.tokenizer.pretokenize import decode_utf8, read_chunks
 
 EOT = "<|endoftext|>"
 ENCODE_CHUNK_BYTES = 1 << 20
+# Below this much input a process pool costs more than it saves (measured: benchmarks/tokenizer_encode.py).
+PARALLEL_MIN_BYTES = 24 << 20
 
 _worker_tokenizer: Tokenizer | None = None
 
@@ -53,7 +56,10 @@ def encode_files(
     eot_after_each_file: bool = True,
     progress: bool = True,
 ) -> dict:
-    """Encode `paths` (in order) into `out_path`; returns the sidecar metadata it also writes."""
+    """Encode `paths` (in order) into `out_path`; returns the sidecar metadata it also writes.
+
+    workers: processes to encode with (default: all cores when the input is large enough to pay off).
+    """
     paths = [Path(p) for p in paths]
     for path in paths:
         if not path.is_file():
@@ -61,10 +67,15 @@ def encode_files(
     out_path = Path(out_path)
     dtype = token_dtype(tokenizer.vocab_size)
     eot_id = tokenizer.special_ids.get(EOT) if eot_after_each_file else None
+    specials = tokenizer.special_tokens
     total_bytes = sum(p.stat().st_size for p in paths)
-    workers = workers or os.cpu_count() or 1
+    if workers is None:
+        workers = (os.cpu_count() or 1) if total_bytes >= PARALLEL_MIN_BYTES else 1
     global _worker_tokenizer
-    _worker_tokenizer = tokenizer  # the in-process path (workers == 1) uses it directly
+    _worker_tokenizer = tokenizer  # used in-process, and inherited by forked workers
+    # Forked workers inherit the built tokenizer; spawned ones (macOS, Windows) rebuild it.
+    forked = multiprocessing.get_start_method() == "fork"
+    initializer, initargs = (None, ()) if forked else (_init_worker, (tokenizer.vocab, tokenizer.merges, specials))
 
     def items() -> Iterator[tuple[bytes, str, int, str]]:
         for path in paths:
@@ -75,15 +86,11 @@ def encode_files(
             yield b"", str(path), -1, dtype.str  # end-of-file marker
 
     n_tokens = 0
-    specials = tokenizer.special_tokens
     with (
         atomic_open(out_path) as out,
         tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"encode {out_path.name}", disable=not progress) as bar,
     ):
-        results = map_bounded(
-            _encode_chunk, items(), workers, initializer=_init_worker,
-            initargs=(tokenizer.vocab, tokenizer.merges, specials),
-        )  # fmt: skip
+        results = map_bounded(_encode_chunk, items(), workers, initializer=initializer, initargs=initargs)
         for data, n_bytes in results:
             if n_bytes == 0 and not data:  # a file ended
                 if eot_id is not None:

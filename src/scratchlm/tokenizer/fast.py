@@ -8,14 +8,18 @@ here with the `regex` module, so the C path and the regex reference agree on eve
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from array import array
 from collections import Counter
 from collections.abc import Callable
 from functools import cache, partial
 from itertools import pairwise
+from pathlib import Path
 
 import regex
 
+from scratchlm.atomic import atomic_write_bytes
 from scratchlm.tokenizer.pretokenize import GPT2_REGEX
 
 try:
@@ -29,8 +33,32 @@ OTHER, LETTER, NUMBER, SPACE = 0, 1, 2, 3
 
 @cache
 def class_table() -> bytes:
-    """For every code point: 1 letter (\\p{L}), 2 number (\\p{N}), 3 whitespace (\\s), 0 other."""
-    every_char = "".join(map(chr, range(sys.maxunicode + 1)))
+    """For every code point: 1 letter (\\p{L}), 2 number (\\p{N}), 3 whitespace (\\s), 0 other.
+
+    Built with the `regex` module (0.1 s) and cached on disk per `regex` version (1 ms to read).
+    """
+    path = _table_cache_path()
+    try:
+        table = path.read_bytes()
+        if len(table) == sys.maxunicode + 1:
+            return table
+    except OSError:
+        pass
+    table = _build_class_table()
+    with contextlib.suppress(OSError):  # a read-only cache only costs the rebuild next time
+        atomic_write_bytes(path, table)
+    return table
+
+
+def _table_cache_path() -> Path:
+    from scratchlm.data.sources import cache_dir
+
+    return cache_dir() / f"gpt2-classes-regex-{regex.__version__}.bin"
+
+
+def _build_class_table() -> bytes:
+    # Every code point in one string, built without 1.1 million temporary str objects.
+    every_char = array("I", range(sys.maxunicode + 1)).tobytes().decode("utf-32-le", "surrogatepass")
     table = bytearray(sys.maxunicode + 1)
     for pattern, value in ((r"\p{L}+", LETTER), (r"\p{N}+", NUMBER), (r"\s+", SPACE)):
         for match in regex.finditer(pattern, every_char):

@@ -8,6 +8,8 @@
    kept in a dict, an index maps each pair to the pre-tokens that contain it, and a lazy max-heap
    yields the most frequent pair (ties: the lexicographically greater `(bytes_a, bytes_b)`). After a
    merge only the pre-tokens that held the pair are rewritten and their pair counts adjusted.
+   `merge_reference` below is that loop in Python; `_merge.c` is the same loop in C (tested equal),
+   used when it was built.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import heapq
 import itertools
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
@@ -25,6 +27,11 @@ from scratchlm.errors import ScratchLMError
 from scratchlm.parallel import map_bounded
 from scratchlm.tokenizer import fast
 from scratchlm.tokenizer.pretokenize import SpecialTokenSplitter, decode_utf8, read_chunks
+
+try:
+    from scratchlm.tokenizer import _merge
+except ImportError:  # no compiled extension: merge_reference does the same, slower
+    _merge = None
 
 
 def _count_chunk(args: tuple[bytes, Sequence[str], str, int]) -> tuple[Counter[str], int]:
@@ -68,7 +75,11 @@ def _inverted(token: bytes) -> tuple[int, ...]:
 
 
 def train_bpe_from_counts(
-    word_counts: dict[str, int], vocab_size: int, special_tokens: Sequence[str] = (), progress: bool = False
+    word_counts: dict[str, int],
+    vocab_size: int,
+    special_tokens: Sequence[str] = (),
+    progress: bool = False,
+    use_c: bool = True,
 ) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
     """Learn merges from pre-token counts. Ids: 0-255 bytes, then special tokens, then merges."""
     special_tokens = list(dict.fromkeys(special_tokens))
@@ -80,48 +91,71 @@ def train_bpe_from_counts(
             f"vocab_size {vocab_size} is too small: the 256 byte values and {len(special_tokens)} "
             f"special token(s) already need {len(vocab)}"
         )
-    key_of = {i: _inverted(b) for i, b in vocab.items()}
-
-    words: list[list[int]] = []
+    words: list[bytes] = []
     counts: list[int] = []
     for word, count in word_counts.items():
-        ids = list(word.encode("utf-8"))
-        if len(ids) > 1:
-            words.append(ids)
+        encoded = word.encode("utf-8")
+        if len(encoded) > 1:
+            words.append(encoded)
             counts.append(count)
+    with tqdm(total=vocab_size - len(vocab), desc="merges", unit="tok", disable=not progress) as bar:
+        done = len(vocab)
+
+        def report(n_tokens: int) -> None:
+            nonlocal done
+            bar.update(n_tokens - done)
+            done = n_tokens
+
+        merge = _merge.train if (_merge is not None and use_c) else merge_reference
+        steps = merge(words, counts, list(vocab.values()), vocab_size, report)
+        merges = []
+        for a, b, new_id in steps:
+            vocab.setdefault(new_id, vocab[a] + vocab[b])
+            merges.append((vocab[a], vocab[b]))
+        report(len(vocab))
+    return vocab, merges
+
+
+def merge_reference(
+    words: list[bytes], counts: list[int], tokens: list[bytes], vocab_size: int, report: Callable[[int], None]
+) -> list[tuple[int, int, int]]:
+    """The merge loop: `(a, b, merged_id)` for each merge, in order (merged_id is new unless those
+    bytes already have an id). Word ids start as their bytes (ids 0-255 are the byte values)."""
+    token_bytes = list(tokens)
+    key_of = [_inverted(b) for b in token_bytes]
+    id_of_bytes = {b: i for i, b in enumerate(token_bytes)}
+    word_ids = [list(w) for w in words]
 
     pair_counts: dict[tuple[int, int], int] = defaultdict(int)
     where: dict[tuple[int, int], set[int]] = defaultdict(set)
-    for w, (ids, count) in enumerate(zip(words, counts, strict=True)):
+    for w, (ids, count) in enumerate(zip(word_ids, counts, strict=True)):
         for pair in itertools.pairwise(ids):
             pair_counts[pair] += count
             where[pair].add(w)
     heap = [(-c, key_of[a], key_of[b], a, b) for (a, b), c in pair_counts.items()]
     heapq.heapify(heap)
 
-    merges: list[tuple[bytes, bytes]] = []
-    id_of_bytes = {b: i for i, b in vocab.items() if i < 256}
-    bar = tqdm(total=vocab_size - len(vocab), desc="merges", unit="tok", disable=not progress)
-    while len(vocab) < vocab_size and heap:
+    steps: list[tuple[int, int, int]] = []
+    while len(token_bytes) < vocab_size and heap:
         neg, _, _, a, b = heapq.heappop(heap)
         if pair_counts.get((a, b), 0) != -neg or neg == 0:
             continue  # stale heap entry
-        merged = vocab[a] + vocab[b]
+        merged = token_bytes[a] + token_bytes[b]
         new_id = id_of_bytes.get(merged)
         if new_id is None:  # the same bytes can arise from two different merges: keep one id
-            new_id = len(vocab)
-            vocab[new_id] = merged
+            new_id = len(token_bytes)
+            token_bytes.append(merged)
+            key_of.append(_inverted(merged))
             id_of_bytes[merged] = new_id
-            key_of[new_id] = _inverted(merged)
-            bar.update(1)
-        merges.append((vocab[a], vocab[b]))
-        changed = _apply_merge(words, counts, (a, b), new_id, pair_counts, where)
+            if len(token_bytes) % 256 == 0:
+                report(len(token_bytes))
+        steps.append((a, b, new_id))
+        changed = _apply_merge(word_ids, counts, (a, b), new_id, pair_counts, where)
         for pair in changed:
             c = pair_counts.get(pair, 0)
             if c > 0:
                 heapq.heappush(heap, (-c, key_of[pair[0]], key_of[pair[1]], *pair))
-    bar.close()
-    return vocab, merges
+    return steps
 
 
 def _apply_merge(
