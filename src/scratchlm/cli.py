@@ -1,4 +1,7 @@
-"""The `scratchlm` command. Sub-commands follow the pipeline: `scratchlm tokenizer train|encode|stats`."""
+"""The `scratchlm` command. Sub-commands follow the pipeline:
+
+tokenizer train|encode|stats -> data prepare -> train -> eval
+"""
 
 from __future__ import annotations
 
@@ -77,6 +80,39 @@ def cmd_tokenizer_stats(args: argparse.Namespace) -> None:
     _print_stats(tokenizer, paths, ", ".join(args.text), args.gpt2_dir, args.stats_bytes, args.top)
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from scratchlm.data.prepare import prepare
+
+    paths = _corpus_files(args.corpus)
+    info = prepare(paths, args.out, args.vocab_size, args.val_fraction, args.workers)
+    val_share = info["val"]["bytes"] / (info["val"]["bytes"] + info["train"]["bytes"])
+    print(
+        f"train: {len(info['train']['documents'])} documents, {info['train']['tokens']:,} tokens; "
+        f"validation: {len(info['val']['documents'])} documents ({val_share:.1%} of the bytes), "
+        f"{info['val']['tokens']:,} tokens -> {args.out}/"
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from scratchlm.train.config import load_config
+    from scratchlm.train.trainer import train
+
+    config = load_config(args.config, args.set or [])
+    result = train(config, fresh=args.fresh)
+    if result.get("interrupted"):
+        raise SystemExit(130)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from scratchlm.train.evaluate import evaluate_run
+
+    result = evaluate_run(args.run, args.set or [])
+    print(
+        f"{args.run}: step {result['step']}: validation loss {result['loss']:.4f}  "
+        f"perplexity {result['perplexity']:.2f}  bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scratchlm", description=__doc__)
     stages = parser.add_subparsers(dest="stage", required=True)
@@ -113,6 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--text", nargs="+", default=["shakespeare"], help="text to measure on")
     stats_options(st)
     st.set_defaults(func=cmd_tokenizer_stats)
+
+    data = stages.add_parser("data", help="prepare corpora for training")
+    data_cmds = data.add_subparsers(dest="command", required=True)
+    prep = data_cmds.add_parser("prepare", help="split by document, train a tokenizer, encode train/val")
+    prep.add_argument("--corpus", nargs="+", default=["shakespeare"])
+    prep.add_argument("--vocab-size", type=int, default=10_000)
+    prep.add_argument("--val-fraction", type=float, default=0.05)
+    prep.add_argument("--out", default="data/shakespeare")
+    prep.add_argument("--workers", type=int, default=None)
+    prep.set_defaults(func=cmd_data_prepare)
+
+    tr = stages.add_parser("train", help="train a Transformer LM (resumes the run if it has a checkpoint)")
+    tr.add_argument("--config", help="TOML config (e.g. configs/shakespeare-cpu.toml); default: built-in defaults")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set model.d_model=256")
+    tr.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+    tr.set_defaults(func=cmd_train)
+
+    ev = stages.add_parser("eval", help="validation loss, perplexity and bits per byte of a run")
+    ev.add_argument("--run", required=True, help="run directory")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set eval_tokens=1000000")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

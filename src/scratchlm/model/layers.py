@@ -1,0 +1,210 @@
+"""The building blocks of the Transformer, written out: Linear, Embedding, RMSNorm, SwiGLU, RoPE,
+softmax, scaled dot-product attention and causal multi-head self-attention.
+
+PyTorch supplies tensors, autograd and the `nn.Module` / `nn.Parameter` containers. Where PyTorch has
+a fused kernel for the same math (`F.scaled_dot_product_attention`, `F.rms_norm`) a module may use it
+when `fused=True`; tests check both paths agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def trunc_normal_(weight: Tensor, std: float) -> Tensor:
+    """Normal(0, std^2) cut at +-3 std."""
+    return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+class Linear(nn.Module):
+    """y = x W^T, no bias. weight: (d_out, d_in), init N(0, 2/(d_in + d_out)) cut at 3 std."""
+
+    def __init__(self, d_in: int, d_out: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_out, d_in, device=device, dtype=dtype))
+        trunc_normal_(self.weight, math.sqrt(2.0 / (d_in + d_out)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., d_in) -> (..., d_out)"""
+        return x @ self.weight.mT
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.weight.shape[1]}, d_out={self.weight.shape[0]}"
+
+
+class Embedding(nn.Module):
+    """Lookup table. weight: (num_embeddings, d), init N(0, 1) cut at 3."""
+
+    def __init__(self, num_embeddings: int, d: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, d, device=device, dtype=dtype))
+        trunc_normal_(self.weight, 1.0)
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        """token_ids: (...) integer -> (..., d)"""
+        return self.weight[token_ids]
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * gain, computed in (at least) float32 and cast back. gain: (d,), init 1."""
+
+    def __init__(self, d: int, eps: float = 1e-5, fused: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.fused = fused
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., d) -> (..., d)"""
+        in_dtype = x.dtype
+        x = x.to(torch.promote_types(in_dtype, torch.float32))  # upcast bf16/fp16; never downcast fp64
+        weight = self.weight.to(x.dtype)
+        if self.fused:
+            out = F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+        else:
+            out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
+        return out.to(in_dtype)
+
+
+def silu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(x)
+
+
+def default_d_ff(d_model: int) -> int:
+    """About 8/3 d_model, rounded to a multiple of 64 (keeps SwiGLU's parameters near a 4x MLP's)."""
+    return max(64, round(8 * d_model / 3 / 64) * 64)
+
+
+class SwiGLU(nn.Module):
+    """W2(SiLU(W1 x) * W3 x). w1, w3: (d_ff, d_model); w2: (d_model, d_ff)."""
+
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff, device, dtype)
+        self.w2 = Linear(d_ff, d_model, device, dtype)
+        self.w3 = Linear(d_model, d_ff, device, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., d_model) -> (..., d_model)"""
+        return self.w2(silu(self.w1(x)) * self.w3(x))
+
+
+class SiLUFFN(nn.Module):
+    """W2(SiLU(W1 x)): the ungated baseline. w1: (d_ff, d_model); w2: (d_model, d_ff)."""
+
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff, device, dtype)
+        self.w2 = Linear(d_ff, d_model, device, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(silu(self.w1(x)))
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding: rotates each adjacent pair (x[2i], x[2i+1]) by angle
+    position * theta^(-2i/d). No parameters; cos/sin tables are precomputed for max_seq_len positions."""
+
+    def __init__(self, d_head: int, max_seq_len: int, theta: float = 10_000.0, device=None) -> None:
+        super().__init__()
+        if d_head % 2:
+            raise ValueError(f"RoPE needs an even head dimension, got {d_head}")
+        inv_freq = theta ** (-torch.arange(0, d_head, 2, device=device, dtype=torch.float32) / d_head)
+        angles = torch.arange(max_seq_len, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        self.register_buffer("cos", angles.cos(), persistent=False)  # (max_seq_len, d_head/2)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """x: (..., seq, d_head), positions: (..., seq) or (seq,) integer -> (..., seq, d_head)"""
+        cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)  # (..., seq, d_head/2)
+        x_even, x_odd = x[..., 0::2], x[..., 1::2]
+        rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+        return rotated.flatten(-2)
+
+
+def softmax(x: Tensor, dim: int = -1) -> Tensor:
+    """exp(x - max) / sum(exp(x - max)): stable for any finite x, and for -inf entries."""
+    shifted = x - x.amax(dim=dim, keepdim=True)
+    exp = shifted.exp()
+    return exp / exp.sum(dim=dim, keepdim=True)
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d_k)) v, over any leading batch dimensions.
+
+    q: (..., n_q, d_k), k: (..., n_k, d_k), v: (..., n_k, d_v), mask: (n_q, n_k) or broadcastable,
+    True = attend. Returns (..., n_q, d_v).
+    """
+    scores = q @ k.mT / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return softmax(scores, dim=-1) @ v
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with RoPE on queries and keys and optional grouped-query
+    attention (n_kv_heads < n_heads: each key/value head serves n_heads / n_kv_heads query heads).
+
+    q_proj: (d_model, d_model); k_proj, v_proj: (n_kv_heads * d_head, d_model); output_proj: (d_model, d_model).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        rope: RotaryEmbedding | None = None,
+        fused: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        if d_model % n_heads or n_heads % n_kv_heads:
+            raise ValueError(f"need n_heads | d_model and n_kv_heads | n_heads, got {d_model}, {n_heads}, {n_kv_heads}")
+        self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_model // n_heads
+        self.q_proj = Linear(d_model, d_model, device, dtype)
+        self.k_proj = Linear(d_model, n_kv_heads * self.d_head, device, dtype)
+        self.v_proj = Linear(d_model, n_kv_heads * self.d_head, device, dtype)
+        self.output_proj = Linear(d_model, d_model, device, dtype)
+        self.rope = rope
+        self.fused = fused
+
+    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """x: (batch, seq, d_model), positions: (seq,) or (batch, seq), default 0..seq-1 -> (batch, seq, d_model)"""
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.d_head).transpose(1, 2)  # (b, h, s, d_head)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.d_head).transpose(1, 2)  # (b, h_kv, s, d_head)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.d_head).transpose(1, 2)
+        if self.rope is not None:
+            if positions is None:
+                positions = torch.arange(seq, device=x.device)
+            if positions.dim() == 2:
+                positions = positions[:, None, :]  # broadcast over heads
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        out = self.attend(q, k, v)  # (b, h, s, d_head)
+        return self.output_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.d_head))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal attention where the last n_q queries sit at the end of the n_k keys.
+        q: (b, h, n_q, d), k/v: (b, h_kv, n_k, d) -> (b, h, n_q, d)"""
+        n_q, n_k = q.shape[-2], k.shape[-2]
+        grouped = self.n_kv_heads != self.n_heads
+        if self.fused:
+            if n_q == n_k:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
+            mask = causal_mask(n_q, n_k, q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=grouped)
+        if grouped:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        return scaled_dot_product_attention(q, k, v, causal_mask(n_q, n_k, q.device))
+
+
+def causal_mask(n_q: int, n_k: int, device=None) -> Tensor:
+    """(n_q, n_k) boolean, True = attend: query i (at position n_k - n_q + i) sees keys 0..that position."""
+    return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril(diagonal=n_k - n_q)

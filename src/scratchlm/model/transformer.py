@@ -1,0 +1,110 @@
+"""TransformerLM: token embeddings, N pre-norm blocks (attention, then feed-forward), a final RMSNorm
+and the LM head. State-dict names read like the architecture: `token_embeddings.weight`,
+`layers.0.attn.q_proj.weight`, `layers.0.ffn.w1.weight`, `ln_final.weight`, `lm_head.weight`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from scratchlm.model.layers import (
+    CausalSelfAttention,
+    Embedding,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    SiLUFFN,
+    SwiGLU,
+    default_d_ff,
+)
+
+
+@dataclass
+class ModelConfig:
+    """The shape and the options of a TransformerLM."""
+
+    vocab_size: int = 10_000
+    context_length: int = 256
+    d_model: int = 512
+    n_layers: int = 4
+    n_heads: int = 16
+    n_kv_heads: int | None = None  # grouped-query attention when < n_heads
+    d_ff: int | None = None  # default: about 8/3 d_model, a multiple of 64
+    rope_theta: float = 10_000.0
+    tie_embeddings: bool = False
+    norm_position: Literal["pre", "post"] = "pre"
+    position_embedding: Literal["rope", "none"] = "rope"
+    ffn: Literal["swiglu", "silu"] = "swiglu"
+    fused_kernels: bool = True  # F.scaled_dot_product_attention and F.rms_norm where they exist
+
+    def __post_init__(self) -> None:
+        if self.d_ff is None:
+            self.d_ff = default_d_ff(self.d_model)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm: x + attn(norm(x)), then + ffn(norm(.)). Post-norm: norm(x + attn(x)), norm(. + ffn(.))."""
+
+    def __init__(self, config: ModelConfig, rope: RotaryEmbedding | None, device=None, dtype=None) -> None:
+        super().__init__()
+        fused = config.fused_kernels
+        self.pre_norm = config.norm_position == "pre"
+        self.ln1 = RMSNorm(config.d_model, fused=fused, device=device, dtype=dtype)
+        self.attn = CausalSelfAttention(
+            config.d_model, config.n_heads, config.n_kv_heads, rope, fused=fused, device=device, dtype=dtype
+        )
+        self.ln2 = RMSNorm(config.d_model, fused=fused, device=device, dtype=dtype)
+        ffn_class = SwiGLU if config.ffn == "swiglu" else SiLUFFN
+        self.ffn = ffn_class(config.d_model, config.d_ff, device, dtype)
+
+    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """x: (batch, seq, d_model) -> (batch, seq, d_model)"""
+        if self.pre_norm:
+            x = x + self.attn(self.ln1(x), positions)
+            return x + self.ffn(self.ln2(x))
+        x = self.ln1(x + self.attn(x, positions))
+        return self.ln2(x + self.ffn(x))
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, config: ModelConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embeddings = Embedding(config.vocab_size, config.d_model, device, dtype)
+        rope = None
+        if config.position_embedding == "rope":
+            rope = RotaryEmbedding(config.d_head, config.context_length, config.rope_theta, device)
+        self.layers = nn.ModuleList(TransformerBlock(config, rope, device, dtype) for _ in range(config.n_layers))
+        self.ln_final = RMSNorm(config.d_model, fused=config.fused_kernels, device=device, dtype=dtype)
+        self.lm_head = Linear(config.d_model, config.vocab_size, device, dtype)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.token_embeddings.weight
+
+    def forward(self, token_ids: Tensor, positions: Tensor | None = None) -> Tensor:
+        """token_ids: (batch, seq) with seq <= context_length -> logits (batch, seq, vocab_size)"""
+        if token_ids.shape[-1] > self.config.context_length:
+            raise ValueError(
+                f"sequence of {token_ids.shape[-1]} tokens exceeds the context length {self.config.context_length}"
+            )
+        x = self.token_embeddings(token_ids)
+        for layer in self.layers:
+            x = layer(x, positions)
+        return self.lm_head(self.ln_final(x))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights count once
+
+    @torch.no_grad()
+    def count_matmul_parameters(self) -> int:
+        """Parameters that take part in a matmul (every Linear, LM head included; not embeddings or norms)."""
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, Linear))

@@ -1,0 +1,1 @@
+"""Training: config, loss, the loop, checkpoints and metrics."""

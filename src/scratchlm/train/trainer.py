@@ -1,0 +1,284 @@
+"""The training loop: batches, loss, backward, clip, step, evaluate, log, checkpoint — resumable.
+
+A run directory holds `config.toml`, `metrics.jsonl`, `loss.png` and `checkpoints/`. Starting a run
+whose directory has a checkpoint continues it from there: same model, optimizer, step, schedule and
+data stream, so the loss trajectory is the one an uninterrupted run would have had (bit for bit on CPU).
+Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and stops. A non-finite loss stops
+the run without saving, so the last good checkpoint stays the latest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scratchlm.accounting import device_peak_flops, training_flops_per_token
+from scratchlm.atomic import atomic_write_text
+from scratchlm.data.encode import load_tokens
+from scratchlm.data.loader import BatchSampler, eval_windows, resolve_device
+from scratchlm.errors import ScratchLMError
+from scratchlm.model.transformer import TransformerLM
+from scratchlm.optim import SGD, AdaGrad, AdamW, clip_grad_norm, cosine_lr
+from scratchlm.tokenizer import Tokenizer
+from scratchlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from scratchlm.train.config import TrainConfig, to_toml
+from scratchlm.train.loss import cross_entropy
+from scratchlm.train.metrics import MetricsLog, format_eta, plot_losses, read_metrics
+
+BUDGET_PROBE_STEPS = 10  # steps timed before a wall-clock budget is turned into a step count
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean nats per token
+    perplexity: float
+    bits_per_byte: float
+    tokens: int
+
+
+def setup_threads(config: TrainConfig) -> None:
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+
+
+def build_model(config: TrainConfig, device: torch.device) -> TransformerLM:
+    torch.manual_seed(config.seed)
+    return TransformerLM(config.model).to(device)
+
+
+def build_optimizer(config: TrainConfig, model: TransformerLM) -> torch.optim.Optimizer:
+    """Weight decay on matrices only (not on norm gains)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    o = config.optim
+    if o.name == "adamw":
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+    if o.name == "sgd":
+        return SGD(model.parameters(), lr=o.lr)
+    return AdaGrad(model.parameters(), lr=o.lr, eps=o.eps)
+
+
+def should_compile(config: TrainConfig, device: torch.device) -> bool:
+    """`auto`: compile on CUDA, where it pays off in seconds; on CPU the compile time (minutes on two
+    cores) outweighs its gain for short runs, so it is opt-in there (`compile = "yes"`)."""
+    if config.compile == "auto":
+        return device.type == "cuda"
+    return config.compile == "yes"
+
+
+def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int, device) -> torch.Tensor:
+    """UTF-8 bytes each token id stands for (special tokens: 0), for bits per byte."""
+    lengths = torch.zeros(vocab_size, dtype=torch.float64)
+    for token_id, token in tokenizer.vocab.items():
+        if token_id < vocab_size and token_id not in tokenizer.special_ids.values():
+            lengths[token_id] = len(token)
+    return lengths.to(device)
+
+
+@torch.no_grad()
+def evaluate(model, tokens: np.ndarray, byte_lengths: torch.Tensor, config: TrainConfig, device) -> EvalResult:
+    """Loss, perplexity and bits per byte on the fixed validation windows."""
+    was_training = model.training
+    model.eval()
+    total_nats, total_bytes, total_tokens = 0.0, 0.0, 0
+    ctx = config.model.context_length
+    for x, y in eval_windows(tokens, config.batch_size, ctx, config.eval_tokens, device):
+        with autocast(config, device):
+            logits = model(x)
+        losses = cross_entropy(logits, y, reduction="none")
+        total_nats += losses.double().sum().item()
+        total_bytes += byte_lengths[y].sum().item()
+        total_tokens += y.numel()
+    model.train(was_training)
+    loss = total_nats / total_tokens
+    return EvalResult(loss, math.exp(loss), total_nats / (math.log(2) * max(total_bytes, 1)), total_tokens)
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    if device.type == "cuda" and config.dtype == "bfloat16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it after each step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        print("\nstopping after this step (a checkpoint will be saved; Ctrl-C again to abort)", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def load_data(config: TrainConfig):
+    train_tokens, train_meta = load_tokens(config.data.train_tokens)
+    val_tokens, val_meta = load_tokens(config.data.val_tokens)
+    tokenizer = Tokenizer.load(config.data.tokenizer)
+    for meta, name in ((train_meta, config.data.train_tokens), (val_meta, config.data.val_tokens)):
+        if meta["tokenizer"] != tokenizer.fingerprint:
+            raise ScratchLMError(
+                f"{name} was encoded with tokenizer {meta['tokenizer']}, but data.tokenizer "
+                f"({config.data.tokenizer}) is {tokenizer.fingerprint}: re-encode or fix the config"
+            )
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ScratchLMError(
+            f"model.vocab_size is {config.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} tokens"
+        )
+    return train_tokens, val_tokens, tokenizer
+
+
+def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict:
+    """Train (or resume) the run in `config.out_dir`; returns the final metrics."""
+    say = (lambda *a, **k: None) if quiet else print
+    setup_threads(config)
+    device = resolve_device(config.device)
+    run_dir = Path(config.out_dir)
+    train_tokens, val_tokens, tokenizer = load_data(config)
+    byte_lengths = token_byte_lengths(tokenizer, config.model.vocab_size, device)
+
+    model = build_model(config, device)
+    optimizer = build_optimizer(config, model)
+    sampler = BatchSampler(train_tokens, config.batch_size, config.model.context_length, config.seed + 1, device)
+    step, total_steps, elapsed_before = 0, config.max_steps, 0.0
+
+    checkpoint = None if fresh else latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        step, elapsed_before = state["step"], state["elapsed_s"]
+        # A budgeted run keeps the step count it fitted; otherwise max_steps may extend a finished run.
+        total_steps = state["total_steps"] if config.max_minutes else config.max_steps
+        say(f"resuming {run_dir} from {checkpoint.name} (step {step} of {total_steps})")
+    elif fresh and (run_dir / "checkpoints").exists():
+        for old in (run_dir / "checkpoints").glob("*"):
+            old.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.toml", to_toml(config))
+    # A resumed run keeps the metrics up to its checkpoint and drops any logged after it.
+    records = read_metrics(run_dir / "metrics.jsonl", up_to_step=step if checkpoint else -1)
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    log = MetricsLog(run_dir / "metrics.jsonl")
+
+    compiled = torch.compile(model) if should_compile(config, device) else model
+    tokens_per_step = config.batch_size * config.grad_accum_steps * config.model.context_length
+    flops_per_token = training_flops_per_token(config.model)
+    peak = device_peak_flops(device, "bf16" if device.type == "cuda" and config.dtype == "bfloat16" else "fp32")
+    budget_s = config.max_minutes * 60
+    say(
+        f"model: {model.num_parameters():,} parameters on {device} ({torch.get_num_threads()} threads); "
+        f"{tokens_per_step:,} tokens/step; {flops_per_token / 1e6:.1f} MFLOP/token"
+    )
+
+    def state_dict() -> dict:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "sampler": sampler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "step": step,
+            "total_steps": total_steps,
+            "elapsed_s": elapsed_before + (time.perf_counter() - start),
+            "config": to_toml(config),
+        }
+
+    final: dict = {}
+    first_step = step
+    start = time.perf_counter()
+    window_start, window_tokens = start, 0
+    model.train()
+    with _StopFlag() as stop:
+        while step < total_steps:
+            lr = cosine_lr(step, config.optim.lr, config.optim.min_lr, config.optim.warmup_steps, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for _ in range(config.grad_accum_steps):
+                x, y = sampler.next()
+                with autocast(config, device):
+                    logits = compiled(x)
+                loss = cross_entropy(logits, y) / config.grad_accum_steps
+                loss.backward()
+                loss_sum += loss.item()
+            if not math.isfinite(loss_sum):
+                last = latest_checkpoint(run_dir)
+                raise ScratchLMError(
+                    f"the training loss became {loss_sum} at step {step}: stopped without saving; "
+                    f"the last good checkpoint is {last or 'none (no checkpoint yet)'}. Try a lower optim.lr."
+                )
+            grad_norm = clip_grad_norm(model.parameters(), config.optim.grad_clip) if config.optim.grad_clip else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_tokens += tokens_per_step
+            now = time.perf_counter()
+            elapsed = elapsed_before + (now - start)
+
+            if budget_s and checkpoint is None and step == BUDGET_PROBE_STEPS:
+                # Fit the schedule to the wall-clock budget, from the speed of the first steps.
+                per_step = (now - start) / step
+                total_steps = max(step + 1, min(config.max_steps, int(budget_s / per_step)))
+                say(f"budget {config.max_minutes:g} min at {per_step:.3f} s/step -> {total_steps} steps")
+
+            if step % config.log_every == 0 or step == total_steps:
+                tokens_per_s = window_tokens / (now - window_start)
+                mfu = tokens_per_s * flops_per_token / peak
+                record = {"step": step, "time_s": round(elapsed, 3), "train/loss": loss_sum, "lr": lr,
+                          "perf/tokens_per_s": tokens_per_s, "perf/mfu": mfu}  # fmt: skip
+                if grad_norm is not None:
+                    record["train/grad_norm"] = float(grad_norm)
+                log.write(record)
+                eta = (total_steps - step) * (now - start) / (step - first_step)
+                say(
+                    f"step {step:>6}/{total_steps}  loss {loss_sum:.4f}  lr {lr:.2e}  "
+                    f"{tokens_per_s:,.0f} tok/s  MFU {mfu:.1%}  ETA {format_eta(eta)}",
+                    flush=True,
+                )
+                window_start, window_tokens = time.perf_counter(), 0
+
+            if step % config.eval_every == 0 or step == total_steps:
+                result = evaluate(compiled, val_tokens, byte_lengths, config, device)
+                record = {"step": step, "time_s": round(elapsed, 3), "val/loss": result.loss,
+                          "val/perplexity": result.perplexity, "val/bpb": result.bits_per_byte}  # fmt: skip
+                log.write(record)
+                final = record
+                say(f"  validation: loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
+                    f"bits/byte {result.bits_per_byte:.4f}  ({result.tokens:,} tokens)")  # fmt: skip
+                window_start = time.perf_counter()
+
+            stopping = stop.signal is not None
+            if step % config.checkpoint_every == 0 or step == total_steps or stopping:
+                path = save_checkpoint(run_dir, step, state_dict())
+                if stopping:
+                    say(f"saved {path}; resume with the same command")
+                window_start = time.perf_counter()
+            if stopping:
+                break
+    log.close()
+    plot_losses(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png")
+    return {"step": step, "total_steps": total_steps, "interrupted": stop.signal is not None, **final}

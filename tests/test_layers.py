@@ -1,0 +1,128 @@
+"""Every module against a reference built from torch.nn.functional, on random inputs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scratchlm.model.layers import (
+    CausalSelfAttention,
+    Embedding,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLU,
+    causal_mask,
+    default_d_ff,
+    scaled_dot_product_attention,
+    softmax,
+)
+
+torch.manual_seed(0)
+
+
+def test_linear_and_its_init():
+    layer = Linear(300, 200)
+    x = torch.randn(4, 7, 300)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
+    std = math.sqrt(2 / 500)
+    assert layer.weight.shape == (200, 300)
+    assert abs(layer.weight.std().item() - std * 0.986) < 0.02 * std  # cutting at 3 std shrinks std by 1.4%
+    assert layer.weight.abs().max() <= 3 * std
+
+
+def test_embedding():
+    emb = Embedding(100, 16)
+    ids = torch.randint(0, 100, (3, 5))
+    torch.testing.assert_close(emb(ids), F.embedding(ids, emb.weight))
+    assert emb.weight.abs().max() <= 3
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm(fused, dtype):
+    norm = RMSNorm(64, fused=fused)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64))
+    x = (torch.randn(2, 9, 64) * 5).to(dtype)
+    expected = F.rms_norm(x.float(), (64,), norm.weight, eps=1e-5).to(dtype)
+    out = norm(x)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expected)
+
+
+def test_swiglu_and_d_ff():
+    ffn = SwiGLU(64, 192)
+    x = torch.randn(2, 5, 64)
+    expected = F.linear(F.silu(F.linear(x, ffn.w1.weight)) * F.linear(x, ffn.w3.weight), ffn.w2.weight)
+    torch.testing.assert_close(ffn(x), expected)
+    assert default_d_ff(512) == 1344 and default_d_ff(128) == 320 and default_d_ff(768) == 2048
+
+
+def test_softmax_is_stable():
+    x = torch.randn(3, 10) * 1000
+    torch.testing.assert_close(softmax(x, -1), F.softmax(x, -1))
+    x[0, 3] = float("-inf")
+    torch.testing.assert_close(softmax(x, -1), F.softmax(x, -1))
+    assert torch.isfinite(softmax(torch.full((4,), 1e4), 0)).all()
+
+
+def test_attention_with_any_leading_dims():
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 4)
+    mask = torch.rand(5, 7) > 0.3
+    mask[:, 0] = True  # every query attends somewhere
+    torch.testing.assert_close(
+        scaled_dot_product_attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    )
+    q2 = torch.randn(4, 5, 8)  # a single leading dim
+    torch.testing.assert_close(scaled_dot_product_attention(q2, q2, q2), F.scaled_dot_product_attention(q2, q2, q2))
+
+
+def reference_rope(x, positions, theta):
+    """RoPE via complex multiplication (a different formulation: pairs as complex numbers)."""
+    d = x.shape[-1]
+    freqs = theta ** (-torch.arange(0, d, 2).float() / d)
+    angles = positions[..., None].float() * freqs
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], d // 2, 2))
+    return torch.view_as_real(xc * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+
+
+def test_rope_matches_complex_rotation_and_positions_drive_it():
+    rope = RotaryEmbedding(16, 64, theta=10000.0)
+    x = torch.randn(2, 10, 16)
+    positions = torch.arange(10)
+    torch.testing.assert_close(rope(x, positions), reference_rope(x, positions, 10000.0))
+    shifted = torch.arange(5, 15)
+    torch.testing.assert_close(rope(x, shifted), reference_rope(x, shifted, 10000.0))
+    torch.testing.assert_close(rope(x, positions).norm(dim=-1), x.norm(dim=-1))  # a rotation
+
+
+def reference_attention(x, attn, positions, n_heads, n_kv_heads, theta):
+    b, s, d = x.shape
+    dh = d // n_heads
+    q = F.linear(x, attn.q_proj.weight).view(b, s, n_heads, dh).transpose(1, 2)
+    k = F.linear(x, attn.k_proj.weight).view(b, s, n_kv_heads, dh).transpose(1, 2)
+    v = F.linear(x, attn.v_proj.weight).view(b, s, n_kv_heads, dh).transpose(1, 2)
+    q, k = reference_rope(q, positions, theta), reference_rope(k, positions, theta)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return F.linear(out.transpose(1, 2).reshape(b, s, d), attn.output_proj.weight)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_causal_self_attention(fused, n_kv_heads):
+    rope = RotaryEmbedding(8, 32)
+    attn = CausalSelfAttention(32, 4, n_kv_heads, rope, fused=fused)
+    x = torch.randn(2, 11, 32)
+    positions = torch.arange(11)
+    torch.testing.assert_close(attn(x, positions), reference_attention(x, attn, positions, 4, n_kv_heads, 10000.0))
+
+
+def test_fused_and_plain_attention_agree_on_a_suffix_of_queries():
+    attn = CausalSelfAttention(32, 4, 2, RotaryEmbedding(8, 32))
+    q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    plain = attn.attend(q, k, v)
+    attn.fused = True
+    torch.testing.assert_close(attn.attend(q, k, v), plain)
+    assert causal_mask(2, 4).tolist() == [[True, True, True, False], [True, True, True, True]]

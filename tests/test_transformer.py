@@ -1,0 +1,126 @@
+"""The whole LM against a reference written independently here from torch.nn.functional."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scratchlm.model import ModelConfig, TransformerLM
+
+
+def reference_lm(params: dict, config: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
+    """A from-the-paper Llama-style forward pass over a state dict (interleaved-pair RoPE)."""
+    b, s = ids.shape
+    d, h, kv = config.d_model, config.n_heads, config.n_kv_heads
+    dh = d // h
+    freqs = config.rope_theta ** (-torch.arange(0, dh, 2).float() / dh)
+    angles = torch.arange(s).float()[:, None] * freqs
+    rot = torch.polar(torch.ones_like(angles), angles)
+
+    def rope(t):
+        tc = torch.view_as_complex(t.float().reshape(*t.shape[:-1], dh // 2, 2))
+        return torch.view_as_real(tc * rot).flatten(-2)
+
+    def norm(t, w):
+        return F.rms_norm(t, (d,), w, eps=1e-5)
+
+    x = F.embedding(ids, params["token_embeddings.weight"])
+    for i in range(config.n_layers):
+
+        def p(name, i=i):
+            return params[f"layers.{i}.{name}.weight"]
+
+        y = norm(x, p("ln1"))
+        q = rope(F.linear(y, p("attn.q_proj")).view(b, s, h, dh).transpose(1, 2))
+        k = rope(F.linear(y, p("attn.k_proj")).view(b, s, kv, dh).transpose(1, 2))
+        v = F.linear(y, p("attn.v_proj")).view(b, s, kv, dh).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x + F.linear(a.transpose(1, 2).reshape(b, s, d), p("attn.output_proj"))
+        y = norm(x, p("ln2"))
+        x = x + F.linear(F.silu(F.linear(y, p("ffn.w1"))) * F.linear(y, p("ffn.w3")), p("ffn.w2"))
+    return F.linear(norm(x, params["ln_final.weight"]), params["lm_head.weight"])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+@pytest.mark.parametrize("seq", [16, 5])  # full context and shorter than it
+def test_lm_matches_reference(fused, n_kv_heads, seq):
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=97, context_length=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads,
+                         fused_kernels=fused)  # fmt: skip
+    model = TransformerLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln1.weight", "ln2.weight", "ln_final.weight")):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    ids = torch.randint(0, 97, (3, seq))
+    torch.testing.assert_close(
+        model(ids), reference_lm(dict(model.named_parameters()), config, ids), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_state_dict_names_and_counts():
+    config = ModelConfig(vocab_size=50, context_length=8, d_model=16, n_layers=1, n_heads=2)
+    model = TransformerLM(config)
+    names = set(model.state_dict())
+    assert {"token_embeddings.weight", "layers.0.attn.q_proj.weight", "layers.0.ffn.w1.weight", "ln_final.weight",
+            "lm_head.weight"} <= names  # fmt: skip
+    d, ff = 16, config.d_ff
+    assert model.num_parameters() == 2 * 50 * d + (4 * d * d + 3 * d * ff + 2 * d) + d
+    tied = TransformerLM(
+        ModelConfig(vocab_size=50, context_length=8, d_model=16, n_layers=1, n_heads=2, tie_embeddings=True)
+    )
+    assert tied.lm_head.weight is tied.token_embeddings.weight
+    assert tied.num_parameters() == model.num_parameters() - 50 * d
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(norm_position="post"),
+        dict(position_embedding="none"),
+        dict(ffn="silu"),
+        dict(n_kv_heads=1),
+        dict(tie_embeddings=True),
+    ],
+)
+def test_variants_run_and_learn(options):
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=31, context_length=12, d_model=32, n_layers=2, n_heads=4, **options))
+    ids = torch.randint(0, 31, (4, 12))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first * 0.5  # memorises a fixed batch
+
+
+def test_too_long_input_is_a_clear_error():
+    model = TransformerLM(ModelConfig(vocab_size=10, context_length=4, d_model=8, n_layers=1, n_heads=2))
+    with pytest.raises(ValueError, match="exceeds the context length 4"):
+        model(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_gradients_match_finite_differences():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=11, context_length=6, d_model=8, n_layers=1, n_heads=2, fused_kernels=False)
+    model = TransformerLM(config).double()
+    ids = torch.randint(0, 11, (2, 6))
+    w = model.layers[0].attn.q_proj.weight
+
+    def loss_fn():
+        return F.cross_entropy(model(ids).flatten(0, 1), ids.roll(-1, 1).flatten())
+
+    loss_fn().backward()
+    eps = 1e-6
+    for idx in [(0, 0), (3, 5), (7, 2)]:
+        with torch.no_grad():
+            w[idx] += eps
+            up = loss_fn().item()
+            w[idx] -= 2 * eps
+            down = loss_fn().item()
+            w[idx] += eps
+        assert abs((up - down) / (2 * eps) - w.grad[idx].item()) < 1e-6
