@@ -80,15 +80,16 @@ def test_attention_with_any_leading_dims():
 
 
 def reference_rope(x, positions, theta):
-    """RoPE via complex multiplication (a different formulation: pairs as complex numbers)."""
+    """RoPE with real arithmetic: (x_even, x_odd) -> (x_even cos - x_odd sin, x_even sin + x_odd cos)."""
     d = x.shape[-1]
     freqs = theta ** (-torch.arange(0, d, 2).float() / d)
     angles = positions[..., None].float() * freqs
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], d // 2, 2))
-    return torch.view_as_real(xc * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+    cos, sin = angles.cos(), angles.sin()
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
 
-def test_rope_matches_complex_rotation_and_positions_drive_it():
+def test_rope_matches_real_rotation_and_positions_drive_it():
     rope = RotaryEmbedding(16, 64, theta=10000.0)
     x = torch.randn(2, 10, 16)
     positions = torch.arange(10)

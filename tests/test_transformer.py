@@ -124,3 +124,23 @@ def test_gradients_match_finite_differences():
             down = loss_fn().item()
             w[idx] += eps
         assert abs((up - down) / (2 * eps) - w.grad[idx].item()) < 1e-6
+
+
+@pytest.mark.parametrize("vocab", [97, 5000])
+def test_fused_head_loss_matches_logits_then_cross_entropy(vocab):
+    """The chunked LM head + loss: same loss and same gradients as logits -> F.cross_entropy."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=vocab, context_length=16, d_model=32, n_layers=1, n_heads=4)
+    fused = TransformerLM(config)
+    plain = TransformerLM(ModelConfig(**{**vars(config), "fused_kernels": False}))
+    plain.load_state_dict(fused.state_dict())
+    ids, targets = torch.randint(0, vocab, (20, 16)), torch.randint(0, vocab, (20, 16))  # 320 rows: several chunks
+    loss_fused = fused.loss(ids, targets)
+    loss_ref = F.cross_entropy(plain(ids).flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(loss_fused, loss_ref)
+    (2 * loss_fused).backward()
+    (2 * loss_ref).backward()
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.loss(ids, targets), loss_ref)

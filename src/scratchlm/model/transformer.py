@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from scratchlm.model.head import lm_head_cross_entropy
 from scratchlm.model.layers import (
     CausalSelfAttention,
     Embedding,
@@ -21,6 +22,7 @@ from scratchlm.model.layers import (
     SwiGLU,
     default_d_ff,
 )
+from scratchlm.train.loss import cross_entropy
 
 
 @dataclass
@@ -65,7 +67,7 @@ class TransformerBlock(nn.Module):
         )
         self.ln2 = RMSNorm(config.d_model, fused=fused, device=device, dtype=dtype)
         ffn_class = SwiGLU if config.ffn == "swiglu" else SiLUFFN
-        self.ffn = ffn_class(config.d_model, config.d_ff, device, dtype)
+        self.ffn = ffn_class(config.d_model, config.d_ff, fused, device, dtype)
 
     def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
         """x: (batch, seq, d_model) -> (batch, seq, d_model)"""
@@ -90,8 +92,8 @@ class TransformerLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embeddings.weight
 
-    def forward(self, token_ids: Tensor, positions: Tensor | None = None) -> Tensor:
-        """token_ids: (batch, seq) with seq <= context_length -> logits (batch, seq, vocab_size)"""
+    def hidden_states(self, token_ids: Tensor, positions: Tensor | None = None) -> Tensor:
+        """token_ids: (batch, seq) with seq <= context_length -> final normed states (batch, seq, d_model)"""
         if token_ids.shape[-1] > self.config.context_length:
             raise ValueError(
                 f"sequence of {token_ids.shape[-1]} tokens exceeds the context length {self.config.context_length}"
@@ -99,7 +101,22 @@ class TransformerLM(nn.Module):
         x = self.token_embeddings(token_ids)
         for layer in self.layers:
             x = layer(x, positions)
-        return self.lm_head(self.ln_final(x))
+        return self.ln_final(x)
+
+    def forward(self, token_ids: Tensor, positions: Tensor | None = None) -> Tensor:
+        """token_ids: (batch, seq) with seq <= context_length -> logits (batch, seq, vocab_size)"""
+        return self.lm_head(self.hidden_states(token_ids, positions))
+
+    def loss(self, token_ids: Tensor, targets: Tensor) -> Tensor:
+        """Mean next-token cross-entropy (nats). token_ids, targets: (batch, seq).
+
+        With fused kernels (and no autocast) the LM head and the loss run together in chunks of rows
+        (`lm_head_cross_entropy`), so the (batch x seq x vocab) logits never exist at once.
+        """
+        hidden = self.hidden_states(token_ids)
+        if self.config.fused_kernels and not torch.is_autocast_enabled(hidden.device.type):
+            return lm_head_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        return cross_entropy(self.lm_head(hidden), targets)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights count once

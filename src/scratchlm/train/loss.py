@@ -7,7 +7,7 @@ from torch import Tensor
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
-    """-log softmax(logits)[target].
+    """-log softmax(logits)[target]. (Training fuses the LM head with this loss: `scratchlm.model.head`.)
 
     logits: (..., vocab) any float dtype (computed in at least float32), targets: (...) integer.
     reduction: "mean" -> 0-d tensor, "none" -> (...) per-token losses in nats.

@@ -186,6 +186,7 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
     log = MetricsLog(run_dir / "metrics.jsonl")
 
     compiled = torch.compile(model) if should_compile(config, device) else model
+    loss_fn = torch.compile(model.loss) if compiled is not model else model.loss
     tokens_per_step = config.batch_size * config.grad_accum_steps * config.model.context_length
     flops_per_token = training_flops_per_token(config.model)
     peak = device_peak_flops(device, "bf16" if device.type == "cuda" and config.dtype == "bfloat16" else "fp32")
@@ -221,8 +222,7 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
             for _ in range(config.grad_accum_steps):
                 x, y = sampler.next()
                 with autocast(config, device):
-                    logits = compiled(x)
-                loss = cross_entropy(logits, y) / config.grad_accum_steps
+                    loss = loss_fn(x, y) / config.grad_accum_steps
                 loss.backward()
                 loss_sum += loss.item()
             if not math.isfinite(loss_sum):

@@ -1,0 +1,126 @@
+"""Training throughput: scratchlm TransformerLM + our AdamW vs Hugging Face `LlamaForCausalLM` +
+`torch.optim.AdamW`, same shape, same batch, one full step (forward, backward, optimizer) each.
+
+    python benchmarks/train_throughput.py [--steps 20] [--repeats 3]
+
+Both run in this process with the same threads; rounds alternate (ours, peer, ours, peer, ...) and the
+median round counts, so machine noise hits both alike. MFU = tokens/s x FLOPs per token / peak, with
+FLOPs per token = 6 x matmul parameters (LM head included) + 12 x layers x d_model x context
+(`scratchlm.accounting.training_flops_per_token`) and the peak measured here: the best fp32 FLOP/s of
+a 2048 x 2048 matmul at the same thread count.
+Targets (issue 3): tiny >= 1.2x the peer and MFU >= 55%; small >= 1.05x and MFU >= 80%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, table  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(d_model=128, n_layers=4, n_heads=4, d_ff=384, context_length=128, vocab_size=10_000, batch=16),
+    "small": dict(d_model=512, n_layers=4, n_heads=16, d_ff=1344, context_length=256, vocab_size=10_000, batch=8),
+}
+
+
+def ours(shape: dict):
+    from scratchlm.model import ModelConfig, TransformerLM
+    from scratchlm.optim import AdamW
+
+    config = ModelConfig(**{k: v for k, v in shape.items() if k != "batch"})
+    model = TransformerLM(config)
+    opt = AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+
+    def step(x, y):
+        loss = model.loss(x, y)  # fused, chunked LM head + cross-entropy
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def peer(shape: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=shape["vocab_size"], hidden_size=shape["d_model"], intermediate_size=shape["d_ff"],
+        num_hidden_layers=shape["n_layers"], num_attention_heads=shape["n_heads"],
+        num_key_value_heads=shape["n_heads"], max_position_embeddings=shape["context_length"],
+        rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+
+    def step(x, y):
+        logits = model(input_ids=x).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def tokens_per_second(step, x, y, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(x, y)
+    return x.numel() * steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    args = parser.parse_args()
+
+    from scratchlm.accounting import matmul_parameters, measure_cpu_matmul_peak, training_flops_per_token
+    from scratchlm.model import ModelConfig
+
+    peak = measure_cpu_matmul_peak(seconds=2.0)
+    rows = []
+    for name in args.shapes:
+        shape = SHAPES[name]
+        config = ModelConfig(**{k: v for k, v in shape.items() if k != "batch"})
+        flops = training_flops_per_token(config)
+        torch.manual_seed(0)
+        x = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["context_length"]))
+        y = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["context_length"]))
+        runs = {"scratchlm": ours(shape), "transformers": peer(shape)}
+        our_params = sum(p.numel() for p in runs["scratchlm"][0].parameters())
+        peer_params = sum(p.numel() for p in runs["transformers"][0].parameters())
+        assert our_params == peer_params, f"shapes differ: {our_params} vs {peer_params} parameters"
+        for _, step in runs.values():
+            tokens_per_second(step, x, y, 3)  # warm-up
+        results = {k: [] for k in runs}
+        for _ in range(args.repeats):
+            for key, (_, step) in runs.items():
+                results[key].append(tokens_per_second(step, x, y, args.steps))
+        ours_tps, peer_tps = (statistics.median(results[k]) for k in runs)
+        rows.append([
+            name, f"{our_params / 1e6:.2f}M", f"{matmul_parameters(config) / 1e6:.2f}M", f"{flops / 1e6:.1f}",
+            f"{ours_tps:,.0f}", f"{peer_tps:,.0f}", f"{ours_tps / peer_tps:.2f}",
+            f"{ours_tps * flops / peak:.1%}", f"{peer_tps * flops / peak:.1%}",
+        ])  # fmt: skip
+        print(table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
+    print(f"\nmachine: {machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"fp32 matmul peak (2048^2, best of 2 s): {peak / 1e9:.1f} GFLOP/s\n")
+    print(table(HEADERS, rows))
+
+
+HEADERS = ["shape", "params", "matmul params", "MFLOP/token", "scratchlm tok/s", "HF Llama tok/s", "ratio",
+           "scratchlm MFU", "HF MFU"]  # fmt: skip
+
+if __name__ == "__main__":
+    main()
