@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, table  # noqa: E402
+from common import machine, table
 
 SHAPES = {
     "tiny": dict(d_model=128, n_layers=4, n_heads=4, d_ff=384, context_length=128, vocab_size=10_000, batch=16),

@@ -1,42 +1,149 @@
-"""Resource accounting: FLOPs per token, device peak FLOP/s and MFU.
+"""Resource accounting: parameters, FLOPs, memory and time of a model configuration — predicted
+before any compute is spent, and checked against measurements (tests; `scratchlm account`).
 
-FLOPs count 2 per multiply-add (2*m*n*p for an (m x n) @ (n x p) matmul). Training one token costs
-6 x (matmul parameters) for the weights (forward 2, backward 4) plus 12 x layers x d_model x context
-for the attention scores and weighted sums (forward 2 x 2 x context x d_model per layer, backward twice
-that) — counting the full causal square, as is the convention (PaLM, nanoGPT).
+FLOPs count 2 per multiply-add: an (m x n) @ (n x p) matmul costs 2*m*n*p. A forward pass is the
+matmuls of the projections, the feed-forward, the LM head, and attention's score (Q K^T) and weighted
+sum (A V) matmuls over the full seq x seq square (what PyTorch's FlopCounterMode counts, and the
+PaLM/nanoGPT MFU convention). Backward costs twice the forward. The 6 N T rule of thumb (N = matmul
+parameters, T = tokens) leaves out attention; the exact count shows where it stops being close (long
+contexts). Embedding lookups, norms, softmax and activations cost no matmul FLOPs and are left out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
 from scratchlm.model.transformer import ModelConfig
 
-# Peak dense FLOP/s (no sparsity) by device name fragment; the local CPU is measured instead.
+# Dense peak FLOP/s (no sparsity) by device; the local CPU is measured instead (`cpu_peak_flops`).
 PEAK_FLOPS = {
     "H100": {"bf16": 989e12, "fp32": 67e12},
     "H200": {"bf16": 989e12, "fp32": 67e12},
     "A100": {"bf16": 312e12, "fp32": 19.5e12},
 }
 
+PRESETS = {
+    # GPT-2 shapes with this architecture (SwiGLU, RoPE, RMSNorm, untied head), GPT-2's vocabulary.
+    "gpt2-small": ModelConfig(vocab_size=50257, context_length=1024, d_model=768, n_layers=12, n_heads=12),
+    "gpt2-medium": ModelConfig(vocab_size=50257, context_length=1024, d_model=1024, n_layers=24, n_heads=16),
+    "gpt2-large": ModelConfig(vocab_size=50257, context_length=1024, d_model=1280, n_layers=36, n_heads=20),
+    "gpt2-xl": ModelConfig(vocab_size=50257, context_length=1024, d_model=1600, n_layers=48, n_heads=25),
+}
+
+
+# ----------------------------------------------------------------------------------------- parameters
+def parameter_counts(config: ModelConfig) -> dict[str, int]:
+    """Parameters by component; equals the model's `numel()` sum (tested)."""
+    d, kv, layers = config.d_model, config.n_kv_heads * config.d_head, config.n_layers
+    ffn_matrices = 3 if config.ffn == "swiglu" else 2
+    counts = {
+        "embeddings": config.vocab_size * d,
+        "attention": layers * (2 * d * d + 2 * d * kv),
+        "feed-forward": layers * ffn_matrices * d * config.d_ff,
+        "norms": (2 * layers + 1) * d,
+        "lm head": 0 if config.tie_embeddings else config.vocab_size * d,
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
 
 def matmul_parameters(config: ModelConfig) -> int:
     """Parameters used in matmuls: attention and FFN projections of every layer, and the LM head."""
-    d, kv = config.d_model, config.n_kv_heads * config.d_head
-    attention = d * d * 2 + d * kv * 2
-    ffn = (3 if config.ffn == "swiglu" else 2) * d * config.d_ff
-    return config.n_layers * (attention + ffn) + config.vocab_size * d
+    counts = parameter_counts(config)
+    return counts["attention"] + counts["feed-forward"] + config.vocab_size * config.d_model
+
+
+# ----------------------------------------------------------------------------------------- FLOPs
+def forward_flops(config: ModelConfig, batch: int, seq: int) -> dict[str, int]:
+    """FLOPs of one forward pass by component (2 per multiply-add)."""
+    d, kv, layers, tokens = config.d_model, config.n_kv_heads * config.d_head, config.n_layers, batch * seq
+    ffn_matrices = 3 if config.ffn == "swiglu" else 2
+    flops = {
+        "attention projections": layers * 2 * tokens * d * (2 * d + 2 * kv),
+        "attention scores + weighted sum": layers * 2 * 2 * batch * seq * seq * d,
+        "feed-forward": layers * 2 * tokens * d * config.d_ff * ffn_matrices,
+        "lm head": 2 * tokens * d * config.vocab_size,
+    }
+    flops["total"] = sum(flops.values())
+    return flops
+
+
+def training_flops(config: ModelConfig, batch: int, seq: int) -> dict[str, float]:
+    """One training step (forward + backward = 3 x forward) beside the 6 N T rule of thumb."""
+    forward = forward_flops(config, batch, seq)["total"]
+    rule = 6 * matmul_parameters(config) * batch * seq
+    return {
+        "forward": forward,
+        "backward": 2 * forward,
+        "step": 3 * forward,
+        "6NT": rule,
+        "6NT / exact": rule / (3 * forward),
+    }
 
 
 def training_flops_per_token(config: ModelConfig) -> float:
-    """6 x matmul parameters + 12 x layers x d_model x context (forward + backward, one token)."""
-    return 6 * matmul_parameters(config) + 12 * config.n_layers * config.d_model * config.context_length
+    """Training FLOPs per token at the full context (the MFU numerator the trainer uses)."""
+    return training_flops(config, 1, config.context_length)["step"] / config.context_length
 
 
+# ----------------------------------------------------------------------------------------- memory
+@dataclass
+class MemoryEstimate:
+    parameters: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.activations
+
+
+def activation_elements(config: ModelConfig, batch: int, seq: int) -> dict[str, int]:
+    """Elements of the tensors the fused training path saves for backward (measured op by op with
+    saved-tensor hooks, and checked within 15% by the tests).
+
+    Per layer and token: the two RMSNorms (input, normalized copy, 1/rms: 2 d + 1 each) and the inputs
+    of the two merged projections (q|k|v and w1|w3: d each) = 6 d + 2; attention: q and k after RoPE,
+    the q|k|v projection output (v is a view of it), the output and its log-sum-exp per head
+    = 3 d + 3 kv + heads; the FFN: w1|w3 output, SiLU(gate) and the gated product (4 d_ff; 2 d_ff for
+    the plain SiLU FFN). Per layer, whatever the batch: the concatenated weights and the RoPE rotations.
+    Then the final norm (2 d + 1 per token) and the fused head's gradients (d per token + vocab x d).
+    """
+    d, kv, ff, h = config.d_model, config.n_kv_heads * config.d_head, config.d_ff, config.n_heads
+    tokens = batch * seq
+    swiglu = config.ffn == "swiglu"
+    per_token = (6 * d + 2) + (3 * d + 3 * kv + h) + (4 * ff if swiglu else 2 * ff)
+    per_layer_fixed = (d + 2 * kv) * d + (2 * ff * d if swiglu else 0) + 2 * seq * config.d_head
+    return {
+        "layers": config.n_layers * (per_token * tokens + per_layer_fixed),
+        "final norm + head": (3 * d + 1) * tokens + config.vocab_size * d,
+    }
+
+
+def memory_estimate(config: ModelConfig, batch: int, seq: int, precision: str = "fp32") -> MemoryEstimate:
+    """Bytes for training with AdamW. precision "fp32", or "bf16-mixed": fp32 master weights,
+    gradients and AdamW state, bf16 activations (autocast)."""
+    n = parameter_counts(config)["total"]
+    act_elements = sum(activation_elements(config, batch, seq).values())
+    act_bytes = act_elements * (4 if precision == "fp32" else 2)
+    return MemoryEstimate(parameters=4 * n, gradients=4 * n, optimizer=8 * n, activations=act_bytes)
+
+
+def largest_batch(config: ModelConfig, seq: int, memory_bytes: float, precision: str = "fp32") -> int:
+    """The largest batch whose predicted training memory fits in `memory_bytes` (0 if none)."""
+    fixed = memory_estimate(config, 0, seq, precision).total
+    per_sample = memory_estimate(config, 1, seq, precision).total - fixed
+    return max(0, int((memory_bytes - fixed) // per_sample)) if per_sample > 0 else 0
+
+
+# ----------------------------------------------------------------------------------------- devices, time
 def measure_cpu_matmul_peak(threads: int | None = None, size: int = 2048, seconds: float = 1.0) -> float:
     """fp32 FLOP/s of a large square matmul on this CPU (the best of a few timed rounds)."""
     if threads:
@@ -55,6 +162,7 @@ def measure_cpu_matmul_peak(threads: int | None = None, size: int = 2048, second
 
 def cpu_peak_flops() -> float:
     """The local CPU's fp32 matmul peak at the current thread count, measured once and cached."""
+    from scratchlm.atomic import atomic_write_text
     from scratchlm.data.sources import cache_dir
 
     threads = torch.get_num_threads()
@@ -62,28 +170,28 @@ def cpu_peak_flops() -> float:
     key = f"{os.uname().machine}-{os.cpu_count()}cpu-{threads}threads-torch{torch.__version__}"
     try:
         cached = json.loads(path.read_text())
-        if key in cached:
-            return cached[key]
     except (OSError, ValueError):
         cached = {}
-    peak = measure_cpu_matmul_peak()
-    cached[key] = peak
-    try:
-        from scratchlm.atomic import atomic_write_text
-
-        atomic_write_text(path, json.dumps(cached, indent=1))
-    except OSError:
-        pass
-    return peak
+    if key not in cached:
+        cached[key] = measure_cpu_matmul_peak()
+        with contextlib.suppress(OSError):  # an unwritable cache only costs a re-measure next time
+            atomic_write_text(path, json.dumps(cached, indent=1))
+    return cached[key]
 
 
-def device_peak_flops(device: torch.device, dtype: str = "fp32") -> float:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for fragment, peaks in PEAK_FLOPS.items():
-            if fragment in name:
-                return peaks[dtype]
-        return float("nan")
-    if device.type == "cpu":
+def device_peak_flops(device: torch.device | str, dtype: str = "fp32") -> float:
+    """Peak FLOP/s of a device: the table for known GPUs, a measurement for the local CPU."""
+    name = device if isinstance(device, str) else device.type
+    if name == "cpu":
         return cpu_peak_flops()
+    if isinstance(device, torch.device) and device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    for fragment, peaks in PEAK_FLOPS.items():
+        if fragment.lower() in name.lower():
+            return peaks[dtype]
     return float("nan")
+
+
+def training_time_s(config: ModelConfig, tokens: float, peak_flops: float, mfu: float) -> float:
+    """Seconds to train on `tokens` tokens at the given peak FLOP/s and MFU."""
+    return tokens * training_flops_per_token(config) / (peak_flops * mfu)

@@ -1,6 +1,6 @@
 """The `scratchlm` command. Sub-commands follow the pipeline:
 
-tokenizer train|encode|stats -> data prepare -> train -> eval
+tokenizer train|encode|stats -> data prepare -> train -> eval -> generate
 """
 
 from __future__ import annotations
@@ -113,6 +113,44 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    from scratchlm.infer import Sampling, generate, load_run
+
+    model, tokenizer, _, step = load_run(args.run, args.device)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed, args.stop or ())
+    prompts = args.prompt
+    stream = len(prompts) == 1
+    if stream:
+        print(prompts[0], end="", flush=True)
+    results, stats = generate(
+        model, tokenizer, prompts, sampling, on_text=(lambda i, t: print(t, end="", flush=True)) if stream else None
+    )
+    if stream:
+        print()
+    else:
+        for result in results:
+            print(f"--- {result.prompt!r}\n{result.prompt}{result.text}")
+    print(
+        f"[step {step} | prefill {stats.prefill_tokens} tokens at {stats.prefill_tokens_per_s:,.0f} tok/s | "
+        f"decode {stats.decode_tokens} tokens at {stats.decode_tokens_per_s:,.1f} tok/s | "
+        f"stopped: {', '.join(sorted({r.stop_reason for r in results}))}]",
+        file=sys.stderr,
+    )
+
+
+def cmd_account(args: argparse.Namespace) -> None:
+    import json
+
+    from scratchlm.account_report import account, format_account
+    from scratchlm.accounting import PRESETS
+    from scratchlm.train.config import load_config
+
+    model = load_config(args.config, args.set or []).model if args.config else PRESETS[args.preset]
+    seq = args.seq or model.context_length
+    report = account(model, args.batch, seq, args.device, args.mfu, args.tokens, args.memory_gb)
+    print(json.dumps(report, indent=1) if args.json else format_account(report))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scratchlm", description=__doc__)
     stages = parser.add_subparsers(dest="stage", required=True)
@@ -170,6 +208,35 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", required=True, help="run directory")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set eval_tokens=1000000")
     ev.set_defaults(func=cmd_eval)
+
+    gen = stages.add_parser("generate", help="sample text from a trained run (streams; KV cache)")
+    gen.add_argument("--run", required=True, help="run directory")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=0.95, help="1.0 = off")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
+    gen.add_argument("--device", default=None, help="override the run's device (e.g. cpu)")
+    gen.set_defaults(func=cmd_generate)
+
+    from scratchlm.account_report import DEVICES
+    from scratchlm.accounting import PRESETS
+
+    acc = stages.add_parser("account", help="parameters, FLOPs, memory and time of a configuration")
+    source = acc.add_mutually_exclusive_group()
+    source.add_argument("--preset", choices=sorted(PRESETS), default="gpt2-small")
+    source.add_argument("--config", help="a TOML training config (its [model] section)")
+    acc.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. model.n_layers=8")
+    acc.add_argument("--batch", type=int, default=8)
+    acc.add_argument("--seq", type=int, default=0, help="sequence length (default: the context length)")
+    acc.add_argument("--device", choices=DEVICES, default="h100")
+    acc.add_argument("--mfu", type=float, default=0.4)
+    acc.add_argument("--tokens", type=float, default=1e9, help="tokens to train on, for the time estimate")
+    acc.add_argument("--memory-gb", type=float, default=80.0, help="device memory for the largest batch")
+    acc.add_argument("--json", action="store_true", help="machine-readable output")
+    acc.set_defaults(func=cmd_account)
     return parser
 
 

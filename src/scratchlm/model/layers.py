@@ -9,6 +9,7 @@ when `fused=True`; tests check both paths agree.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +155,31 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor |
     return softmax(scores, dim=-1) @ v
 
 
+@dataclass
+class KVCache:
+    """Keys and values of one layer for the tokens seen so far, pre-allocated to the context length.
+    k, v: (batch, n_kv_heads, max_len, d_head); length: how many positions are filled."""
+
+    k: Tensor
+    v: Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(cls, batch: int, n_kv_heads: int, max_len: int, d_head: int, device=None, dtype=None) -> KVCache:
+        shape = (batch, n_kv_heads, max_len, d_head)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v: (batch, n_kv_heads, n_new, d_head); return all keys and values so far."""
+        end = self.length + k.shape[-2]
+        if end > self.k.shape[-2]:
+            raise ValueError(f"the KV cache holds {self.k.shape[-2]} positions; {end} requested")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with RoPE on queries and keys and optional grouped-query
     attention (n_kv_heads < n_heads: each key/value head serves n_heads / n_kv_heads query heads).
@@ -183,8 +209,15 @@ class CausalSelfAttention(nn.Module):
         self.rope = rope
         self.fused = fused
 
-    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
-        """x: (batch, seq, d_model), positions: (seq,) or (batch, seq), default 0..seq-1 -> (batch, seq, d_model)"""
+    def forward(
+        self, x: Tensor, positions: Tensor | None = None, cache: KVCache | None = None, key_mask: Tensor | None = None
+    ) -> Tensor:
+        """x: (batch, seq, d_model) -> (batch, seq, d_model).
+
+        positions: (seq,) or (batch, seq), default 0..seq-1. cache: this layer's KV cache; the new keys
+        and values are appended and attention covers everything cached. key_mask: (batch, n_keys) bool,
+        False for padding that no query may attend to (n_keys counts cached and new positions).
+        """
         batch, seq, _ = x.shape
         if self.fused:  # one matmul for q, k and v (larger matmuls run closer to peak on CPU)
             weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
@@ -201,23 +234,33 @@ class CausalSelfAttention(nn.Module):
             if positions.dim() == 2:
                 positions = positions[:, None, :]  # broadcast over heads
             q, k = self.rope(q, positions), self.rope(k, positions)
-        out = self.attend(q, k, v)  # (b, h, s, d_head)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        out = self.attend(q, k, v, key_mask)  # (b, h, s, d_head)
         return self.output_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.d_head))
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Causal attention where the last n_q queries sit at the end of the n_k keys.
-        q: (b, h, n_q, d), k/v: (b, h_kv, n_k, d) -> (b, h, n_q, d)"""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """Causal attention where the n_q queries are the last n_q of the n_k keys' positions.
+        q: (b, h, n_q, d), k/v: (b, h_kv, n_k, d), key_mask: (b, n_k) or None -> (b, h, n_q, d)"""
         n_q, n_k = q.shape[-2], k.shape[-2]
         grouped = self.n_kv_heads != self.n_heads
+        mask = causal_mask(n_q, n_k, q.device)
+        if key_mask is not None:
+            # Padding is never attended to, except by itself (so a padding query's row is not empty).
+            mask = (mask & key_mask[:, None, None, :]) | (mask & ~_strictly_before(n_q, n_k, q.device))
         if self.fused:
-            if n_q == n_k:
+            if n_q == n_k and key_mask is None:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
-            mask = causal_mask(n_q, n_k, q.device)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=grouped)
         if grouped:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        return scaled_dot_product_attention(q, k, v, causal_mask(n_q, n_k, q.device))
+        return scaled_dot_product_attention(q, k, v, mask)
+
+
+def _strictly_before(n_q: int, n_k: int, device=None) -> Tensor:
+    """(n_q, n_k) True where key j lies strictly before query i's own position n_k - n_q + i."""
+    return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril(diagonal=n_k - n_q - 1)
 
 
 def causal_mask(n_q: int, n_k: int, device=None) -> Tensor:

@@ -15,6 +15,7 @@ from scratchlm.model.head import lm_head_cross_entropy
 from scratchlm.model.layers import (
     CausalSelfAttention,
     Embedding,
+    KVCache,
     Linear,
     RMSNorm,
     RotaryEmbedding,
@@ -69,12 +70,14 @@ class TransformerBlock(nn.Module):
         ffn_class = SwiGLU if config.ffn == "swiglu" else SiLUFFN
         self.ffn = ffn_class(config.d_model, config.d_ff, fused, device, dtype)
 
-    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, positions: Tensor | None = None, cache: KVCache | None = None, key_mask: Tensor | None = None
+    ) -> Tensor:
         """x: (batch, seq, d_model) -> (batch, seq, d_model)"""
         if self.pre_norm:
-            x = x + self.attn(self.ln1(x), positions)
+            x = x + self.attn(self.ln1(x), positions, cache, key_mask)
             return x + self.ffn(self.ln2(x))
-        x = self.ln1(x + self.attn(x, positions))
+        x = self.ln1(x + self.attn(x, positions, cache, key_mask))
         return self.ln2(x + self.ffn(x))
 
 
@@ -92,20 +95,46 @@ class TransformerLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embeddings.weight
 
-    def hidden_states(self, token_ids: Tensor, positions: Tensor | None = None) -> Tensor:
-        """token_ids: (batch, seq) with seq <= context_length -> final normed states (batch, seq, d_model)"""
-        if token_ids.shape[-1] > self.config.context_length:
-            raise ValueError(
-                f"sequence of {token_ids.shape[-1]} tokens exceeds the context length {self.config.context_length}"
-            )
+    def hidden_states(
+        self,
+        token_ids: Tensor,
+        positions: Tensor | None = None,
+        caches: list[KVCache] | None = None,
+        key_mask: Tensor | None = None,
+    ) -> Tensor:
+        """token_ids: (batch, seq) -> final normed states (batch, seq, d_model).
+
+        With `caches` (one per layer, from `new_caches`), token_ids are the next tokens after those
+        cached; positions then default to continue from the cache. key_mask: (batch, cached + seq) bool,
+        False for padding. Cached plus new tokens must fit in the context length.
+        """
+        past = caches[0].length if caches else 0
+        length, limit = past + token_ids.shape[-1], self.config.context_length
+        if length > limit:
+            raise ValueError(f"sequence of {length} tokens exceeds the context length {limit}")
+        if positions is None and past:
+            positions = torch.arange(past, past + token_ids.shape[-1], device=token_ids.device)
         x = self.token_embeddings(token_ids)
-        for layer in self.layers:
-            x = layer(x, positions)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, caches[i] if caches else None, key_mask)
         return self.ln_final(x)
 
-    def forward(self, token_ids: Tensor, positions: Tensor | None = None) -> Tensor:
-        """token_ids: (batch, seq) with seq <= context_length -> logits (batch, seq, vocab_size)"""
-        return self.lm_head(self.hidden_states(token_ids, positions))
+    def forward(
+        self,
+        token_ids: Tensor,
+        positions: Tensor | None = None,
+        caches: list[KVCache] | None = None,
+        key_mask: Tensor | None = None,
+    ) -> Tensor:
+        """token_ids: (batch, seq) -> logits (batch, seq, vocab_size). See `hidden_states` for the rest."""
+        return self.lm_head(self.hidden_states(token_ids, positions, caches, key_mask))
+
+    def new_caches(self, batch: int, device=None, dtype=None) -> list[KVCache]:
+        """Empty KV caches, one per layer, each holding up to context_length positions."""
+        c = self.config
+        device = device or self.lm_head.weight.device
+        dtype = dtype or self.lm_head.weight.dtype
+        return [KVCache.empty(batch, c.n_kv_heads, c.context_length, c.d_head, device, dtype) for _ in self.layers]
 
     def loss(self, token_ids: Tensor, targets: Tensor) -> Tensor:
         """Mean next-token cross-entropy (nats). token_ids, targets: (batch, seq).

@@ -31,7 +31,6 @@ from scratchlm.optim import SGD, AdaGrad, AdamW, clip_grad_norm, cosine_lr
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from scratchlm.train.config import TrainConfig, to_toml
-from scratchlm.train.loss import cross_entropy
 from scratchlm.train.metrics import MetricsLog, format_eta, plot_losses, read_metrics
 
 BUDGET_PROBE_STEPS = 10  # steps timed before a wall-clock budget is turned into a step count
@@ -93,9 +92,8 @@ def evaluate(model, tokens: np.ndarray, byte_lengths: torch.Tensor, config: Trai
     ctx = config.model.context_length
     for x, y in eval_windows(tokens, config.batch_size, ctx, config.eval_tokens, device):
         with autocast(config, device):
-            logits = model(x)
-        losses = cross_entropy(logits, y, reduction="none")
-        total_nats += losses.double().sum().item()
+            mean_loss = model.loss(x, y)  # bits per byte needs only the sum of the token losses
+        total_nats += mean_loss.double().item() * y.numel()
         total_bytes += byte_lengths[y].sum().item()
         total_tokens += y.numel()
     model.train(was_training)
@@ -262,7 +260,7 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
                 window_start, window_tokens = time.perf_counter(), 0
 
             if step % config.eval_every == 0 or step == total_steps:
-                result = evaluate(compiled, val_tokens, byte_lengths, config, device)
+                result = evaluate(model, val_tokens, byte_lengths, config, device)
                 record = {"step": step, "time_s": round(elapsed, 3), "val/loss": result.loss,
                           "val/perplexity": result.perplexity, "val/bpb": result.bits_per_byte}  # fmt: skip
                 log.write(record)

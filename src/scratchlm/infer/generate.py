@@ -1,0 +1,192 @@
+"""Text generation: prefill the prompts in one forward pass, then decode one token at a time reusing
+each layer's key/value cache, sampling greedily or with temperature, top-k and top-p (nucleus).
+
+A batch of prompts of different lengths is left-padded: every sequence keeps its own RoPE positions
+(0 at its first real token) and padding is masked out of attention, so each sequence generates what it
+would alone. Generation stops per sequence at `<|endoftext|>`, at a stop string, or after
+`max_new_tokens`.
+
+At the context limit: prompt + max_new_tokens must fit in the model's context length, else a clear
+error says by how much it does not (no silent truncation, no sliding window).
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from scratchlm.errors import ScratchLMError
+
+EOT = "<|endoftext|>"
+
+
+@dataclass
+class Sampling:
+    """temperature 0 = greedy. top_k 0 = off. top_p 1.0 = off."""
+
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 0.95
+    max_new_tokens: int = 200
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    stop_reason: str = "length"  # "length" | "eot" | "stop string"
+
+
+@dataclass
+class GenerationStats:
+    prefill_tokens: int
+    prefill_seconds: float
+    decode_tokens: int
+    decode_seconds: float
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / max(self.prefill_seconds, 1e-9)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / max(self.decode_seconds, 1e-9)
+
+
+def sample_next(logits: Tensor, sampling: Sampling, generator: torch.Generator | None) -> Tensor:
+    """logits: (batch, vocab) -> next token ids (batch,)"""
+    if sampling.temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k > 0:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass (keeps at least one).
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= sampling.top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    sampling: Sampling | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+) -> tuple[list[Generation], GenerationStats]:
+    """Generate a continuation for each prompt. `on_text(i, piece)` streams decoded text as it comes."""
+    sampling = sampling or Sampling()
+    model.eval()
+    device = model.lm_head.weight.device
+    context = model.config.context_length
+    encoded = [tokenizer.encode(p) for p in prompts]
+    if any(not ids for ids in encoded):
+        raise ScratchLMError("every prompt needs at least one token (an empty prompt gives the model nothing)")
+    longest = max(map(len, encoded))
+    if longest + sampling.max_new_tokens > context:
+        raise ScratchLMError(
+            f"prompt of {longest} tokens + max_new_tokens {sampling.max_new_tokens} exceeds the context length "
+            f"{context}: shorten the prompt or ask for at most {max(context - longest, 0)} new tokens"
+        )
+    batch = len(prompts)
+    pads = torch.tensor([longest - len(ids) for ids in encoded], device=device)
+    ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
+    key_mask = torch.zeros(batch, longest + sampling.max_new_tokens, dtype=torch.bool, device=device)
+    for i, row in enumerate(encoded):
+        ids[i, longest - len(row) :] = torch.tensor(row, device=device)
+        key_mask[i, longest - len(row) : longest] = True
+    positions = (torch.arange(longest, device=device)[None, :] - pads[:, None]).clamp(min=0)
+    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
+    eot_id = tokenizer.special_ids.get(EOT)
+
+    results = [Generation(p) for p in prompts]
+    decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in prompts]
+    done = [False] * batch
+    caches = model.new_caches(batch)
+    start = time.perf_counter()
+    # Rows of the LM head past the tokenizer's vocabulary (padding) are never sampled.
+    valid = max(tokenizer.vocab) + 1
+
+    def next_logits(*args) -> Tensor:
+        out = model(*args)[:, -1]
+        out[:, valid:] = float("-inf")
+        return out
+
+    logits = next_logits(ids, positions, caches, key_mask[:, :longest])
+    prefill_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    decoded = 0
+    for step in range(sampling.max_new_tokens):
+        next_ids = sample_next(logits, sampling, generator)
+        decoded += 1
+        for i, token in enumerate(next_ids.tolist()):
+            if not done[i]:
+                done[i] = _emit(results[i], decoders[i], token, eot_id, tokenizer, sampling.stop, i, on_text)
+        if all(done) or step == sampling.max_new_tokens - 1:
+            break
+        length = longest + step + 1
+        key_mask[:, length - 1] = True
+        next_positions = (length - 1 - pads)[:, None]
+        logits = next_logits(next_ids[:, None], next_positions, caches, key_mask[:, :length])
+    stats = GenerationStats(batch * longest, prefill_seconds, batch * decoded, time.perf_counter() - start)
+    return results, stats
+
+
+def _emit(result: Generation, decoder, token: int, eot_id, tokenizer, stop, index: int, on_text) -> bool:
+    """Add one token to a sequence; returns True when that sequence is finished."""
+    if token == eot_id:
+        result.stop_reason = "eot"
+        return True
+    result.token_ids.append(token)
+    piece = decoder.decode(tokenizer.vocab[token])
+    before = len(result.text)
+    result.text += piece
+    for s in stop:
+        at = result.text.find(s, max(0, before - len(s) + 1))
+        if at >= 0:
+            result.text = result.text[:at]
+            result.stop_reason = "stop string"
+            if on_text and at > before:
+                on_text(index, result.text[before:])
+            return True
+    if on_text and piece:
+        on_text(index, piece)
+    return False
+
+
+def load_run(run_dir: str | os.PathLike, device: str | None = None):
+    """(model with the latest checkpoint's weights, tokenizer, config, step) of a run directory."""
+    from scratchlm.data.loader import resolve_device
+    from scratchlm.tokenizer import Tokenizer
+    from scratchlm.train.checkpoint import latest_checkpoint, load_checkpoint
+    from scratchlm.train.config import load_config
+    from scratchlm.train.trainer import build_model
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise ScratchLMError(f"{run_dir} is not a run directory: config.toml is missing")
+    config = load_config(run_dir / "config.toml", [f'device="{device}"'] if device else [])
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ScratchLMError(f"{run_dir} has no checkpoint yet: train it first")
+    torch_device = resolve_device(config.device)
+    model = build_model(config, torch_device)
+    state = load_checkpoint(checkpoint, map_location=torch_device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, Tokenizer.load(config.data.tokenizer), config, state["step"]

@@ -1,0 +1,124 @@
+"""Accounting against measurements: numel(), FlopCounterMode, saved-tensor hooks, hand-computed numbers."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from scratchlm import accounting
+from scratchlm.model import ModelConfig, TransformerLM
+
+CONFIGS = [
+    ModelConfig(vocab_size=500, context_length=64, d_model=64, n_layers=2, n_heads=4),
+    ModelConfig(vocab_size=300, context_length=32, d_model=96, n_layers=3, n_heads=6, n_kv_heads=2, ffn="silu"),
+    ModelConfig(vocab_size=256, context_length=48, d_model=32, n_layers=1, n_heads=2, tie_embeddings=True),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_parameter_count_equals_numel(config):
+    counts = accounting.parameter_counts(config)
+    assert counts["total"] == TransformerLM(config).num_parameters()
+
+
+def test_parameters_by_hand():
+    config = ModelConfig(vocab_size=100, context_length=8, d_model=16, n_layers=2, n_heads=2, d_ff=48)
+    counts = accounting.parameter_counts(config)
+    assert counts == {"embeddings": 1600, "attention": 2 * 4 * 256, "feed-forward": 2 * 3 * 16 * 48,
+                      "norms": 5 * 16, "lm head": 1600, "total": 1600 + 2048 + 4608 + 80 + 1600}  # fmt: skip
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(("batch", "seq"), [(2, 16), (1, 32)])
+def test_forward_flops_equal_flop_counter(config, fused, batch, seq):
+    config = ModelConfig(**{**vars(config), "fused_kernels": fused})
+    model = TransformerLM(config)
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(ids)
+    predicted = accounting.forward_flops(config, batch, seq)
+    counted = counter.get_total_flops()
+    if fused:  # FlopCounterMode has no formula for PyTorch's CPU flash-attention kernel: it counts 0 there
+        counted += predicted["attention scores + weighted sum"]
+    assert counted == predicted["total"]
+
+
+def test_training_flops_and_six_n_t():
+    config = ModelConfig(vocab_size=1000, context_length=128, d_model=64, n_layers=2, n_heads=4)
+    t = accounting.training_flops(config, 4, 128)
+    assert t["step"] == 3 * t["forward"] and t["backward"] == 2 * t["forward"]
+    assert t["6NT"] == 6 * accounting.matmul_parameters(config) * 512
+    long = accounting.training_flops(ModelConfig(**{**vars(config), "context_length": 8192}), 1, 8192)
+    assert long["6NT / exact"] < 0.3 < t["6NT / exact"]  # the rule of thumb breaks at long contexts
+    per_token = accounting.training_flops_per_token(config)
+    assert per_token == 6 * accounting.matmul_parameters(config) + 12 * 2 * 64 * 128
+
+
+def measured_saved_bytes(model, ids, targets) -> int:
+    """Bytes of distinct storages saved for backward in one training step, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model.loss(ids, targets)
+    loss.backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ModelConfig(vocab_size=1000, context_length=128, d_model=128, n_layers=4, n_heads=4),
+        ModelConfig(vocab_size=10000, context_length=256, d_model=256, n_layers=2, n_heads=8, n_kv_heads=2),
+        ModelConfig(vocab_size=500, context_length=64, d_model=64, n_layers=3, n_heads=4, ffn="silu"),
+    ],
+)
+def test_activation_memory_prediction_within_15_percent(config):
+    torch.manual_seed(0)
+    model = TransformerLM(config)
+    batch, seq = 4, config.context_length
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    measured = measured_saved_bytes(model, ids, torch.randint(0, config.vocab_size, (batch, seq)))
+    predicted = accounting.memory_estimate(config, batch, seq).activations
+    assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
+
+
+def test_memory_by_kind_and_largest_batch():
+    config = accounting.PRESETS["gpt2-small"]
+    n = accounting.parameter_counts(config)["total"]
+    fp32 = accounting.memory_estimate(config, 8, 1024, "fp32")
+    bf16 = accounting.memory_estimate(config, 8, 1024, "bf16-mixed")
+    assert (fp32.parameters, fp32.gradients, fp32.optimizer) == (4 * n, 4 * n, 8 * n)
+    assert bf16.activations * 2 == fp32.activations and bf16.parameters == fp32.parameters
+    biggest = accounting.largest_batch(config, 1024, 80 * 2**30)
+    assert accounting.memory_estimate(config, biggest, 1024).total <= 80 * 2**30
+    assert accounting.memory_estimate(config, biggest + 1, 1024).total > 80 * 2**30
+
+
+def test_training_time_by_hand():
+    config = accounting.PRESETS["gpt2-small"]
+    per_token = accounting.training_flops_per_token(config)
+    assert accounting.training_time_s(config, 1e9, 989e12, 0.5) == pytest.approx(1e9 * per_token / (989e12 * 0.5))
+    assert accounting.device_peak_flops("h100", "bf16") == 989e12
+
+
+def test_account_cli_json_and_table():
+    def run(*args):
+        command = [sys.executable, "-m", "scratchlm.cli", "account", *args]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+    out = run("--preset", "gpt2-small", "--json")
+    report = json.loads(out)
+    assert report["parameters"]["total"] == accounting.parameter_counts(accounting.PRESETS["gpt2-small"])["total"]
+    table = run("--preset", "gpt2-xl", "--device", "a100")
+    assert "6 N T rule of thumb" in table and "largest batch" in table

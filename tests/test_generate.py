@@ -1,0 +1,100 @@
+"""Generation: the KV cache against full recomputation, padding, sampling rules, stops, the CLI."""
+
+import pytest
+import torch
+
+from scratchlm.errors import ScratchLMError
+from scratchlm.infer.generate import Sampling, generate, sample_next
+from scratchlm.model import ModelConfig, TransformerLM
+
+
+def tiny_model(**options) -> TransformerLM:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=300, context_length=32, d_model=32, n_layers=2, n_heads=4, **options)
+    return TransformerLM(config).eval()
+
+
+@pytest.mark.parametrize("options", [{}, {"n_kv_heads": 2}, {"n_kv_heads": 1, "fused_kernels": False}])
+@torch.no_grad()
+def test_cached_decoding_equals_full_recomputation(options):
+    model = tiny_model(**options)
+    ids = torch.randint(0, 300, (3, 20))
+    full = model(ids)
+    caches = model.new_caches(3)
+    pieces = [model(ids[:, :8], caches=caches)]  # prefill 8, then one token at a time
+    pieces += [model(ids[:, t : t + 1], caches=caches) for t in range(8, 20)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-5)
+    assert caches[0].length == 20
+
+
+@torch.no_grad()
+def test_left_padding_with_own_positions_equals_unpadded():
+    model = tiny_model(n_kv_heads=2)
+    short = torch.randint(0, 300, (1, 5))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), short], dim=1)
+    key_mask = torch.tensor([[False] * 4 + [True] * 5])
+    positions = (torch.arange(9) - 4).clamp(min=0)[None, :]
+    out = model(padded, positions, model.new_caches(1), key_mask)
+    torch.testing.assert_close(out[:, 4:], model(short), rtol=1e-4, atol=1e-5)
+
+
+class FakeTokenizer:
+    """Bytes as tokens (ids 0-255), <|endoftext|> = 256: enough to exercise generate()."""
+
+    def __init__(self) -> None:
+        self.special_ids = {"<|endoftext|>": 256}
+        self.vocab = {**{i: bytes([i]) for i in range(256)}, 256: b"<|endoftext|>"}
+
+    def encode(self, text):
+        return list(text.encode())
+
+
+def test_batch_of_different_lengths_matches_one_at_a_time():
+    model = tiny_model()
+    prompts = ["hello there", "a", "The king is"]
+    greedy = Sampling(temperature=0, max_new_tokens=10)
+    together, stats = generate(model, FakeTokenizer(), prompts, greedy)
+    for prompt, result in zip(prompts, together, strict=True):
+        alone, _ = generate(model, FakeTokenizer(), [prompt], greedy)
+        assert alone[0].token_ids == result.token_ids
+    assert stats.prefill_tokens == 3 * 11 and stats.decode_tokens == 30
+
+
+def test_seeded_sampling_is_reproducible_and_streams():
+    model = tiny_model()
+    sampling = Sampling(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=7)
+    streamed = []
+    first, _ = generate(model, FakeTokenizer(), ["abc"], sampling, on_text=lambda i, t: streamed.append(t))
+    second, _ = generate(model, FakeTokenizer(), ["abc"], sampling)
+    assert first[0].token_ids == second[0].token_ids and "".join(streamed) == first[0].text
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    assert sample_next(logits, Sampling(temperature=0), None).item() == 3
+    g = torch.Generator().manual_seed(0)
+    top_k = {sample_next(logits, Sampling(temperature=1.0, top_k=2, top_p=1.0), g).item() for _ in range(200)}
+    assert top_k == {2, 3}
+    # softmax([0,1,2,3]) = [.032, .087, .237, .644]: top_p 0.6 keeps only the top token, 0.7 the top two
+    assert {sample_next(logits, Sampling(temperature=1.0, top_p=0.6), g).item() for _ in range(100)} == {3}
+    assert {sample_next(logits, Sampling(temperature=1.0, top_p=0.7), g).item() for _ in range(300)} == {2, 3}
+
+
+def test_stops_at_eot_at_stop_strings_and_at_the_limit():
+    class EndsAtOnce(TransformerLM):
+        def forward(self, *args, **kwargs):
+            logits = super().forward(*args, **kwargs)
+            logits[..., 256] = 1e4  # <|endoftext|> always wins
+            return logits
+
+    eager = EndsAtOnce(tiny_model().config).eval()
+    result, _ = generate(eager, FakeTokenizer(), ["x"], Sampling(temperature=0, max_new_tokens=5))
+    assert result[0].stop_reason == "eot" and result[0].token_ids == []
+    model = tiny_model()
+    plain, _ = generate(model, FakeTokenizer(), ["x"], Sampling(temperature=0, max_new_tokens=8))
+    stop = plain[0].text[2:4]
+    stopped, _ = generate(model, FakeTokenizer(), ["x"], Sampling(temperature=0, max_new_tokens=8, stop=[stop]))
+    assert stopped[0].stop_reason == "stop string" and stop not in stopped[0].text
+    assert plain[0].text.startswith(stopped[0].text)
+    with pytest.raises(ScratchLMError, match=r"exceeds the context length 32.*at most 22 new tokens"):
+        generate(model, FakeTokenizer(), ["0123456789"], Sampling(max_new_tokens=23))
