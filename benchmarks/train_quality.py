@@ -95,23 +95,21 @@ def main() -> None:
     parser.add_argument("--config", default="configs/shakespeare-cpu.toml")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--only", choices=["scratchlm", "peer"], help="run one side (e.g. to redo it)")
     args = parser.parse_args()
 
     from scratchlm.train.config import load_config
 
     config = load_config(args.config, [*args.set, "max_steps=1000000"])
     config.out_dir = str(Path(config.out_dir).with_name(Path(config.out_dir).name + "-quality-bench"))
-    ours = train_ours(config, args.minutes)
-    peer = train_peer(load_config(args.config, [*args.set, "max_steps=1000000"]), args.minutes)
+    results = {}
+    if args.only != "peer":
+        results["scratchlm"] = train_ours(config, args.minutes)
+    if args.only != "scratchlm":
+        peer_config = load_config(args.config, [*args.set, "max_steps=1000000"])
+        results["HF Llama + torch AdamW"] = train_peer(peer_config, args.minutes)
     rows = [
-        ["scratchlm", ours["steps"], f"{ours['seconds']:.0f}", f"{ours['loss']:.4f}", f"{ours['bpb']:.4f}"],
-        [
-            "HF Llama + torch AdamW",
-            peer["steps"],
-            f"{peer['seconds']:.0f}",
-            f"{peer['loss']:.4f}",
-            f"{peer['bpb']:.4f}",
-        ],
+        [name, r["steps"], f"{r['seconds']:.0f}", f"{r['loss']:.4f}", f"{r['bpb']:.4f}"] for name, r in results.items()
     ]
     threads = torch.get_num_threads()
     print(f"\nmachine: {machine()}, {threads} threads; config {args.config}, {args.minutes:g} minutes each")

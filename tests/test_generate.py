@@ -98,3 +98,28 @@ def test_stops_at_eot_at_stop_strings_and_at_the_limit():
     assert plain[0].text.startswith(stopped[0].text)
     with pytest.raises(ScratchLMError, match=r"exceeds the context length 32.*at most 22 new tokens"):
         generate(model, FakeTokenizer(), ["0123456789"], Sampling(max_new_tokens=23))
+
+
+def test_huggingface_export_gives_the_same_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from scratchlm.infer.export import export_huggingface
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=300, context_length=32, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2)
+    model = TransformerLM(config).eval()
+    with torch.no_grad():  # non-trivial norm gains, so a mix-up of norms would show
+        for name, p in model.named_parameters():
+            if "ln" in name:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+    export_huggingface(model, tmp_path, tokenizer_dir=None)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 300, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_export_refuses_non_llama_architectures(tmp_path):
+    from scratchlm.infer.export import export_huggingface
+
+    with pytest.raises(ScratchLMError, match="only the Llama architecture"):
+        export_huggingface(tiny_model(norm_position="post"), tmp_path, None)

