@@ -127,3 +127,14 @@ def test_fused_and_plain_attention_agree_on_a_suffix_of_queries():
     attn.fused = True
     torch.testing.assert_close(attn.attend(q, k, v), plain)
     assert causal_mask(2, 4).tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def test_linear_inference_cache_follows_weight_changes():
+    layer = Linear(16, 8)
+    x = torch.randn(1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight))  # the cached-transpose path
+        layer.weight.mul_(2)  # an in-place update (what an optimizer step does)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
+        layer.load_state_dict({"weight": torch.randn(8, 16)})
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight))

@@ -127,7 +127,9 @@ def generate(
         out[:, valid:] = float("-inf")
         return out
 
-    logits = next_logits(ids, positions, caches, key_mask[:, :longest])
+    padded = bool(pads.any())  # without padding, plain causal attention needs no mask at all
+
+    logits = next_logits(ids, positions, caches, key_mask[:, :longest] if padded else None)
     prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
     decoded = 0
@@ -142,7 +144,7 @@ def generate(
         length = longest + step + 1
         key_mask[:, length - 1] = True
         next_positions = (length - 1 - pads)[:, None]
-        logits = next_logits(next_ids[:, None], next_positions, caches, key_mask[:, :length])
+        logits = next_logits(next_ids[:, None], next_positions, caches, key_mask[:, :length] if padded else None)
     stats = GenerationStats(batch * longest, prefill_seconds, batch * decoded, time.perf_counter() - start)
     return results, stats
 
