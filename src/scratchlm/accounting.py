@@ -145,7 +145,8 @@ def largest_batch(config: ModelConfig, seq: int, memory_bytes: float, precision:
 
 # ----------------------------------------------------------------------------------------- devices, time
 def measure_cpu_matmul_peak(threads: int | None = None, size: int = 2048, seconds: float = 1.0) -> float:
-    """fp32 FLOP/s of a large square matmul on this CPU (the best of a few timed rounds)."""
+    """fp32 FLOP/s of a square matmul on this CPU: the best single product over `seconds` of rounds
+    (the best, not the mean, so a busy moment lowers the figure as little as possible)."""
     if threads:
         torch.set_num_threads(threads)
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -160,6 +161,11 @@ def measure_cpu_matmul_peak(threads: int | None = None, size: int = 2048, second
     return best
 
 
+def robust_cpu_peak() -> float:
+    """The best of several measurements at two sizes, spread over ~4 s: what gets cached."""
+    return max(measure_cpu_matmul_peak(size=size, seconds=1.0) for size in (1024, 2048, 1024, 2048))
+
+
 def cpu_peak_flops() -> float:
     """The local CPU's fp32 matmul peak at the current thread count, measured once and cached."""
     from scratchlm.atomic import atomic_write_text
@@ -167,13 +173,13 @@ def cpu_peak_flops() -> float:
 
     threads = torch.get_num_threads()
     path = cache_dir() / "cpu_peak.json"
-    key = f"{os.uname().machine}-{os.cpu_count()}cpu-{threads}threads-torch{torch.__version__}"
+    key = f"{os.uname().machine}-{os.cpu_count()}cpu-{threads}threads-torch{torch.__version__}-v2"
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
     if key not in cached:
-        cached[key] = measure_cpu_matmul_peak()
+        cached[key] = robust_cpu_peak()
         with contextlib.suppress(OSError):  # an unwritable cache only costs a re-measure next time
             atomic_write_text(path, json.dumps(cached, indent=1))
     return cached[key]

@@ -246,7 +246,7 @@ def write_report(out, config, info, prediction, evaluation, samples, corpus, pre
     records = read_metrics(out.run / "metrics.jsonl")
     perf = [r for r in records if "perf/tokens_per_s" in r][1:] or [r for r in records if "perf/tokens_per_s" in r]
     measured_tps = statistics.median(r["perf/tokens_per_s"] for r in perf) if perf else float("nan")
-    measured_mfu = statistics.median(r["perf/mfu"] for r in perf) if perf else float("nan")
+    measured_mfu = measured_tps * prediction["flops_per_token"] / prediction["peak_flops"]  # same peak as predicted
     last = records[-1] if records else {"step": 0, "time_s": 0}
     tokenizer = Tokenizer.load(out.data / "tokenizer")
     val_text = tokenizer.decode(__import__("numpy").fromfile(out.data / "val.bin", dtype="uint16")[:200_000].tolist())

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 # Merging projections (q|k|v, w1|w3) into one matmul copies their weights on every call: worth it for
 # training batches (thousands of rows), not for decoding a token at a time.
 MERGE_MIN_ROWS = 256
