@@ -94,18 +94,22 @@ def bpe_reference(ranks: dict[tuple[int, int], tuple[int, int]], byte_ids: list[
         best = min(pairwise(ids), key=lambda pair: ranks.get(pair, (1 << 62,))[0])
         if best not in ranks:
             break
-        a, b = best
-        merged = ranks[best][1]
-        out, i, n = [], 0, len(ids)
-        while i < n:
-            if i + 1 < n and ids[i] == a and ids[i + 1] == b:
-                out.append(merged)
-                i += 2
-            else:
-                out.append(ids[i])
-                i += 1
-        ids = out
+        ids = merge_pair(ids, best, ranks[best][1])
     return ids
+
+
+def merge_pair(ids: list[int], pair: tuple[int, int], merged: int) -> list[int]:
+    """`ids` with every non-overlapping occurrence of `pair`, left to right, replaced by `merged`."""
+    a, b = pair
+    out, i, n = [], 0, len(ids)
+    while i < n:
+        if i + 1 < n and ids[i] == a and ids[i + 1] == b:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
 
 
 def _c_split(text: str) -> list[str]:

@@ -167,20 +167,11 @@ def _apply_merge(
     where: dict[tuple[int, int], set[int]],
 ) -> set[tuple[int, int]]:
     """Rewrite the words holding `pair`, updating pair counts; return the pairs whose count changed."""
-    a, b = pair
     changed: set[tuple[int, int]] = set()
     for w in where.pop(pair, ()):
         old = words[w]
-        new: list[int] = []
-        i, n = 0, len(old)
-        while i < n:
-            if i + 1 < n and old[i] == a and old[i + 1] == b:
-                new.append(new_id)
-                i += 2
-            else:
-                new.append(old[i])
-                i += 1
-        if len(new) == n:
+        new = fast.merge_pair(old, pair, new_id)
+        if len(new) == len(old):
             continue  # stale index entry: the pair left this word in an earlier merge
         count = counts[w]
         for p in itertools.pairwise(old):
