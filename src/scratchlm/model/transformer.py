@@ -149,8 +149,3 @@ class TransformerLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights count once
-
-    @torch.no_grad()
-    def count_matmul_parameters(self) -> int:
-        """Parameters that take part in a matmul (every Linear, LM head included; not embeddings or norms)."""
-        return sum(m.weight.numel() for m in self.modules() if isinstance(m, Linear))
