@@ -27,6 +27,7 @@ import torch
 
 from scratchlm import __version__, accounting
 from scratchlm.atomic import atomic_write_text
+from scratchlm.data.encode import load_tokens
 from scratchlm.data.prepare import prepare
 from scratchlm.data.sources import resolve_corpus
 from scratchlm.errors import ScratchLMError
@@ -190,7 +191,7 @@ def run_speedrun(
     print(f"validation loss {evaluation['loss']:.4f}, perplexity {evaluation['perplexity']:.2f}, "
           f"bits per byte {evaluation['bits_per_byte']:.4f}")  # fmt: skip
     model, tokenizer, _, _ = load_run(out.run)
-    prompts = SHAKESPEARE_PROMPTS if corpus == "shakespeare" else _prompts_from(out.data, info, tokenizer)
+    prompts = SHAKESPEARE_PROMPTS if corpus == "shakespeare" else _prompts_from(out.data, tokenizer)
     budget = max(1, min(120, config.model.context_length - max(len(tokenizer.encode(p)) for p in prompts)))
     samples, _ = generate(
         model, tokenizer, prompts, Sampling(temperature=0.8, top_p=0.95, max_new_tokens=budget, seed=0)
@@ -204,10 +205,9 @@ def run_speedrun(
     return report
 
 
-def _prompts_from(data_dir: Path, info: dict, tokenizer) -> list[str]:
+def _prompts_from(data_dir: Path, tokenizer) -> list[str]:
     """The first few words of up to three validation documents."""
-    tokens = __import__("numpy").fromfile(data_dir / "val.bin", dtype="uint16")[:2000]
-    text = tokenizer.decode(tokens.tolist())
+    text = tokenizer.decode(load_tokens(data_dir / "val.bin")[0][:2000].tolist())
     docs = [d for d in text.split("<|endoftext|>") if d.strip()][:3] or [text]
     return [" ".join(d.split()[:6]) for d in docs]
 
@@ -249,7 +249,7 @@ def write_report(out, config, info, prediction, evaluation, samples, corpus, pre
     measured_mfu = measured_tps * prediction["flops_per_token"] / prediction["peak_flops"]  # same peak as predicted
     last = records[-1] if records else {"step": 0, "time_s": 0}
     tokenizer = Tokenizer.load(out.data / "tokenizer")
-    val_text = tokenizer.decode(__import__("numpy").fromfile(out.data / "val.bin", dtype="uint16")[:200_000].tolist())
+    val_text = tokenizer.decode(load_tokens(out.data / "val.bin")[0][:200_000].tolist())
     val_text = val_text.replace("<|endoftext|>", "")
     gpt2_dir = tokstats.find_gpt2_dir()
     rows = tokstats.compare(tokenizer, val_text, tokstats.load_gpt2(gpt2_dir) if gpt2_dir else None)

@@ -93,7 +93,8 @@ def read_merges_txt(path: Path) -> list[tuple[bytes, bytes]]:
 
 
 def write_vocab_json(path: Path, vocab: dict[int, bytes], special_tokens: Sequence[str]) -> None:
-    special_ids = {i for i, b in vocab.items() if b.decode("utf-8", "replace") in set(special_tokens)}
+    specials = {s.encode() for s in special_tokens}
+    special_ids = {i for i, b in vocab.items() if b in specials}
     entries = {(vocab[i].decode() if i in special_ids else token_to_string(vocab[i])): i for i in sorted(vocab)}
     atomic_write_text(path, json.dumps(entries, ensure_ascii=False, indent=1) + "\n")
 
