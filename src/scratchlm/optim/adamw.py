@@ -12,11 +12,31 @@ import torch
 from torch import Tensor
 
 
-def _with_grads(group: dict) -> list[Tensor]:
-    return [p for p in group["params"] if p.grad is not None]
+class _ForeachOptimizer(torch.optim.Optimizer):
+    """`step()` for every optimizer here: for each group, the parameters that have gradients go to
+    `update(group, params, grads)`, which holds the optimizer's rule."""
+
+    def update(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        raise NotImplementedError
+
+    def state_tensor(self, p: Tensor, name: str) -> Tensor:
+        """This parameter's state tensor `name`, created as zeros on first use."""
+        state = self.state[p]
+        if name not in state:
+            state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state[name]
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self.update(group, params, [p.grad for p in params])
+        return loss
 
 
-class AdamW(torch.optim.Optimizer):
+class AdamW(_ForeachOptimizer):
     """Adam with decoupled weight decay (Loshchilov & Hutter), as `torch.optim.AdamW` computes it:
 
     theta <- theta (1 - lr * weight_decay)
@@ -36,44 +56,29 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"invalid AdamW settings: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            params = _with_grads(group)
-            if not params:
-                continue
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            grads, ms, vs, steps = [], [], [], []
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                grads.append(p.grad)
-                ms.append(state["exp_avg"])
-                vs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-            if wd != 0:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            torch._foreach_lerp_(ms, grads, 1 - beta1)
-            torch._foreach_mul_(vs, beta2)
-            torch._foreach_addcmul_(vs, grads, grads, 1 - beta2)
-            # Parameters of a group usually share a step count; group them by it to stay exact if not.
-            for t in sorted(set(steps)):
-                idx = [i for i, s in enumerate(steps) if s == t]
-                step_size = lr / (1 - beta1**t)
-                bias_correction2_sqrt = math.sqrt(1 - beta2**t)
-                denom = torch._foreach_sqrt([vs[i] for i in idx])
-                torch._foreach_div_(denom, bias_correction2_sqrt)
-                torch._foreach_add_(denom, eps)
-                torch._foreach_addcdiv_([params[i] for i in idx], [ms[i] for i in idx], denom, -step_size)
-        return loss
+    def update(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        ms = [self.state_tensor(p, "exp_avg") for p in params]
+        vs = [self.state_tensor(p, "exp_avg_sq") for p in params]
+        steps = []
+        for p in params:
+            self.state[p]["step"] = self.state[p].get("step", 0) + 1
+            steps.append(self.state[p]["step"])
+        if wd != 0:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_lerp_(ms, grads, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, 1 - beta2)
+        # Parameters of a group usually share a step count; group them by it to stay exact if not.
+        for t in sorted(set(steps)):
+            idx = [i for i, s in enumerate(steps) if s == t]
+            denom = torch._foreach_sqrt([vs[i] for i in idx])
+            torch._foreach_div_(denom, math.sqrt(1 - beta2**t))
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_([params[i] for i in idx], [ms[i] for i in idx], denom, -lr / (1 - beta1**t))
 
 
-class SGD(torch.optim.Optimizer):
+class SGD(_ForeachOptimizer):
     """theta <- theta - lr * g (optionally with momentum mu: b <- mu b + g; theta <- theta - lr b)."""
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0) -> None:
@@ -81,29 +86,21 @@ class SGD(torch.optim.Optimizer):
             raise ValueError(f"invalid SGD settings: lr={lr}, momentum={momentum}")
         super().__init__(params, dict(lr=lr, momentum=momentum))
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            params = _with_grads(group)
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if group["momentum"]:
-                bufs = []
-                for p, g in zip(params, grads, strict=True):
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = g.clone()
-                    else:
-                        state["momentum_buffer"].mul_(group["momentum"]).add_(g)
-                    bufs.append(state["momentum_buffer"])
-                grads = bufs
-            torch._foreach_add_(params, grads, alpha=-group["lr"])
-        return loss
+    def update(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        if group["momentum"]:
+            bufs = []
+            for p, g in zip(params, grads, strict=True):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = g.clone()  # torch's convention: the first buffer is g
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                bufs.append(state["momentum_buffer"])
+            grads = bufs
+        torch._foreach_add_(params, grads, alpha=-group["lr"])
 
 
-class AdaGrad(torch.optim.Optimizer):
+class AdaGrad(_ForeachOptimizer):
     """G <- G + g^2; theta <- theta - lr * g / (sqrt(G) + eps)."""
 
     def __init__(self, params: Iterable, lr: float = 1e-2, eps: float = 1e-10) -> None:
@@ -111,22 +108,9 @@ class AdaGrad(torch.optim.Optimizer):
             raise ValueError(f"invalid AdaGrad settings: lr={lr}, eps={eps}")
         super().__init__(params, dict(lr=lr, eps=eps))
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            params = _with_grads(group)
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            sums = []
-            for p in params:
-                state = self.state[p]
-                if "sum" not in state:
-                    state["sum"] = torch.zeros_like(p)
-                sums.append(state["sum"])
-            torch._foreach_addcmul_(sums, grads, grads)
-            denom = torch._foreach_sqrt(sums)
-            torch._foreach_add_(denom, group["eps"])
-            torch._foreach_addcdiv_(params, grads, denom, -group["lr"])
-        return loss
+    def update(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        sums = [self.state_tensor(p, "sum") for p in params]
+        torch._foreach_addcmul_(sums, grads, grads)
+        denom = torch._foreach_sqrt(sums)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(params, grads, denom, -group["lr"])
