@@ -14,13 +14,14 @@ def tiny_model(**options) -> TransformerLM:
     return TransformerLM(config).eval()
 
 
+@pytest.mark.parametrize("batch", [1, 3])  # on CPU, decoding steps take DecodeWeight's split / oneDNN paths
 @pytest.mark.parametrize("options", [{}, {"n_kv_heads": 2}, {"n_kv_heads": 1, "fused_kernels": False}])
 @torch.no_grad()
-def test_cached_decoding_equals_full_recomputation(options):
+def test_cached_decoding_equals_full_recomputation(options, batch):
     model = tiny_model(**options)
-    ids = torch.randint(0, 300, (3, 20))
+    ids = torch.randint(0, 300, (batch, 20))
     full = model(ids)
-    caches = model.new_caches(3)
+    caches = model.new_caches(batch)
     pieces = [model(ids[:, :8], caches=caches)]  # prefill 8, then one token at a time
     pieces += [model(ids[:, t : t + 1], caches=caches) for t in range(8, 20)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-5)

@@ -129,12 +129,20 @@ def test_fused_and_plain_attention_agree_on_a_suffix_of_queries():
     assert causal_mask(2, 4).tolist() == [[True, True, True, False], [True, True, True, True]]
 
 
-def test_linear_inference_cache_follows_weight_changes():
-    layer = Linear(16, 8)
-    x = torch.randn(1, 16)
+@pytest.mark.parametrize(
+    ("x_shape", "d_out", "kind"),
+    [((1, 1, 16), 8, "split"), ((1, 16), 8, "split"), ((4, 1, 16), 8, "onednn"), ((1, 1, 16), 7, "transposed")],
+)
+def test_linear_decode_path_matches_and_follows_weight_changes(x_shape, d_out, kind):
+    """A CPU decoding step (one position per sequence, no autograd) multiplies by a cached DecodeWeight."""
+    if kind == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch has no oneDNN")
+    layer = Linear(16, d_out)
+    x = torch.randn(x_shape)
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight))  # the cached-transpose path
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
+        assert layer._decode.kind == (kind if torch.get_num_threads() > 1 or kind != "split" else "transposed")
         layer.weight.mul_(2)  # an in-place update (what an optimizer step does)
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
-        layer.load_state_dict({"weight": torch.randn(8, 16)})
+        layer.load_state_dict({"weight": torch.randn(d_out, 16)})
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight))

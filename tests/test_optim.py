@@ -32,21 +32,25 @@ def _run(model, opt, steps, seed=1):
     return losses
 
 
-def test_adamw_matches_torch_for_1000_steps():
+@pytest.mark.parametrize("fused", [False, True])  # our operations, and PyTorch's fused kernel behind AdamW
+def test_adamw_matches_torch_for_1000_steps(fused):
     ours_model, ref_model = _twin_models()
     kwargs = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    ours = _run(ours_model, AdamW(ours_model.parameters(), **kwargs), 1000)
+    opt = AdamW(ours_model.parameters(), fused=fused, **kwargs)
+    assert opt.fused is fused
+    ours = _run(ours_model, opt, 1000)
     ref = _run(ref_model, torch.optim.AdamW(ref_model.parameters(), foreach=False, **kwargs), 1000)
     assert ours == pytest.approx(ref, rel=1e-5, abs=1e-7)
     for p, q in zip(ours_model.parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_adamw_with_param_groups_and_state_dict_roundtrip():
+@pytest.mark.parametrize("fused", [False, True])
+def test_adamw_with_param_groups_and_state_dict_roundtrip(fused):
     model, _ = _twin_models()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-2)
+    opt = AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-2, fused=fused)
     _run(model, opt, 5)
     clone, _ = _twin_models()
     clone.load_state_dict(model.state_dict())
@@ -54,7 +58,7 @@ def test_adamw_with_param_groups_and_state_dict_roundtrip():
         {"params": [p for p in clone.parameters() if p.dim() >= 2]},
         {"params": [p for p in clone.parameters() if p.dim() < 2], "weight_decay": 0.0},
     ]
-    opt2 = AdamW(groups, lr=1e-2)
+    opt2 = AdamW(groups, lr=1e-2, fused=fused)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # as if through a file: no shared tensors
     assert _run(model, opt, 5, seed=9) == _run(clone, opt2, 5, seed=9)
 
@@ -97,3 +101,27 @@ def test_clip_matches_torch_and_skips_missing_grads():
             torch.testing.assert_close(p.grad, q.grad)
     total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in a.parameters() if p.grad is not None]))
     assert total.item() == pytest.approx(1.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_adamw_parameters_with_different_step_counts_match_torch(fused):
+    """A parameter without a gradient is skipped and its step count lags; each keeps its own bias correction."""
+    a, b = _twin_models()
+    opts = (AdamW(a.parameters(), lr=1e-2, fused=fused), torch.optim.AdamW(b.parameters(), lr=1e-2, foreach=False))
+    x = torch.randn(8, 10)
+    for step in range(20):
+        for model, opt in zip((a, b), opts, strict=True):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            if step % 3 == 0:
+                model[0].bias.grad = None
+            opt.step()
+    assert opts[0].state[a[0].bias]["step"] == 13 and opts[0].state[a[0].weight]["step"] == 20
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_adamw_refuses_parameters_it_cannot_take():
+    with pytest.raises(ValueError, match="one dtype"):
+        AdamW([torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2, dtype=torch.float64))], fused=True)
+    assert not AdamW([torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2).double())]).fused

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scratchlm.model import ModelConfig, TransformerLM
+from scratchlm.model import ModelConfig, TransformerLM, head
 
 
 def reference_lm(params: dict, config: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
@@ -127,14 +127,16 @@ def test_gradients_match_finite_differences():
 
 
 @pytest.mark.parametrize("vocab", [97, 5000])
-def test_fused_head_loss_matches_logits_then_cross_entropy(vocab):
+def test_fused_head_loss_matches_logits_then_cross_entropy(vocab, monkeypatch):
     """The chunked LM head + loss: same loss and same gradients as logits -> F.cross_entropy."""
+    monkeypatch.setattr(head, "MIN_ROWS", 1)
+    monkeypatch.setattr(head, "MAX_ROWS", 100)  # blocks of 100 rows, the last one ragged
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=vocab, context_length=16, d_model=32, n_layers=1, n_heads=4)
     fused = TransformerLM(config)
     plain = TransformerLM(ModelConfig(**{**vars(config), "fused_kernels": False}))
     plain.load_state_dict(fused.state_dict())
-    ids, targets = torch.randint(0, vocab, (20, 16)), torch.randint(0, vocab, (20, 16))  # 320 rows: several chunks
+    ids, targets = torch.randint(0, vocab, (20, 16)), torch.randint(0, vocab, (20, 16))  # 320 rows: 4 blocks
     loss_fused = fused.loss(ids, targets)
     loss_ref = F.cross_entropy(plain(ids).flatten(0, 1), targets.flatten())
     torch.testing.assert_close(loss_fused, loss_ref)
@@ -144,3 +146,14 @@ def test_fused_head_loss_matches_logits_then_cross_entropy(vocab):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
     with torch.no_grad():
         torch.testing.assert_close(fused.loss(ids, targets), loss_ref)
+
+
+def test_fused_head_loss_is_exact_and_finite_for_huge_logits():
+    torch.manual_seed(0)
+    hidden = (torch.randn(50, 16) * 1000).requires_grad_()  # logits of order 1e4
+    weight = torch.randn(97, 16, requires_grad=True)
+    targets = torch.randint(0, 97, (50,))
+    loss = head.lm_head_cross_entropy(hidden, weight, targets)
+    torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.T, targets))
+    loss.backward()
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()

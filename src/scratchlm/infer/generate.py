@@ -110,7 +110,8 @@ def generate(
     for i, row in enumerate(encoded):
         ids[i, longest - len(row) :] = torch.tensor(row, device=device)
         key_mask[i, longest - len(row) : longest] = True
-    positions = (torch.arange(longest, device=device)[None, :] - pads[:, None]).clamp(min=0)
+    # Each sequence counts positions from its first real token (padding sits at position 0).
+    positions = (torch.arange(longest + sampling.max_new_tokens, device=device)[None, :] - pads[:, None]).clamp(min=0)
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     eot_id = tokenizer.special_ids.get(EOT)
 
@@ -124,12 +125,13 @@ def generate(
 
     def next_logits(*args) -> Tensor:
         out = model(*args)[:, -1]
-        out[:, valid:] = float("-inf")
+        if valid < out.shape[-1]:
+            out[:, valid:] = float("-inf")
         return out
 
     padded = bool(pads.any())  # without padding, plain causal attention needs no mask at all
 
-    logits = next_logits(ids, positions, caches, key_mask[:, :longest] if padded else None)
+    logits = next_logits(ids, positions[:, :longest], caches, key_mask[:, :longest] if padded else None)
     prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
     decoded = 0
@@ -142,9 +144,11 @@ def generate(
         if all(done) or step == sampling.max_new_tokens - 1:
             break
         length = longest + step + 1
-        key_mask[:, length - 1] = True
-        next_positions = (length - 1 - pads)[:, None]
-        logits = next_logits(next_ids[:, None], next_positions, caches, key_mask[:, :length] if padded else None)
+        if padded:
+            key_mask[:, length - 1] = True
+        logits = next_logits(
+            next_ids[:, None], positions[:, length - 1 : length], caches, key_mask[:, :length] if padded else None
+        )
     stats = GenerationStats(batch * longest, prefill_seconds, batch * decoded, time.perf_counter() - start)
     return results, stats
 

@@ -15,24 +15,36 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-CHUNK_BYTES = 4 << 20  # logits per block: about 4 MiB of float32
+# Rows per block: the block's float32 logits take about 32 KiB per model dimension (4 MiB at d_model 128,
+# 16 MiB at 512). Thin blocks keep the logits in cache; thick ones keep the weight gradient's matmul
+# (vocab x rows x d_model) near peak, which matters more as d_model grows. Measured on 2-core EPYC, fwd +
+# bwd, 2048 rows, vocab 10k: d_model 512: 104 rows 498 ms, 209 rows 468 ms, 419 rows 411 ms, 1024 rows
+# 428 ms; d_model 128: 104 rows fastest (a whole tiny training step 255 ms vs 271 ms at 419 rows).
+BLOCK_BYTES_PER_DIM = 32 << 10
+MIN_ROWS, MAX_ROWS = 64, 1024
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
         n, vocab = hidden.shape[0], weight.shape[0]
-        rows = max(64, min(1024, CHUNK_BYTES // (4 * vocab)))
+        rows = max(MIN_ROWS, min(MAX_ROWS, BLOCK_BYTES_PER_DIM * hidden.shape[1] // (4 * vocab)))
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         grad_weight = torch.zeros_like(weight) if need_grad else None
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for start in range(0, n, rows):
             h, t = hidden[start : start + rows], targets[start : start + rows]
-            log_probs = torch.log_softmax((h @ weight.mT).float(), dim=-1)  # (rows, vocab)
-            total -= log_probs.gather(1, t[:, None]).sum()
+            # -log softmax(z)_t = log sum_j exp(z_j - max) + max - z_t, and softmax(z) from the same exp:
+            # one exp per logit, in place (log_softmax then exp_ computes it twice: 1.19 -> 0.88 ms / block).
+            logits = (h @ weight.mT).float()  # (rows, vocab)
+            target_logits = logits.gather(1, t[:, None])
+            top = logits.amax(dim=1, keepdim=True)
+            exp = logits.sub_(top).exp_()
+            sums = exp.sum(dim=1, keepdim=True)
+            total += (sums.log() + top - target_logits).sum()
             if need_grad:
-                probs = log_probs.exp_()  # softmax, in place
+                probs = exp.div_(sums)  # softmax
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0  # softmax - onehot (x N, see below)
                 torch.mm(probs.to(weight.dtype), weight, out=grad_hidden[start : start + rows])
                 grad_weight.addmm_(probs.mT.to(h.dtype), h)
