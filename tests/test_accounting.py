@@ -122,3 +122,14 @@ def test_account_cli_json_and_table():
     assert report["parameters"]["total"] == accounting.parameter_counts(accounting.PRESETS["gpt2-small"])["total"]
     table = run("--preset", "gpt2-xl", "--device", "a100")
     assert "6 N T rule of thumb" in table and "largest batch" in table
+
+
+def test_cpu_peak_is_cached_until_remeasured(monkeypatch, tmp_path):
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path))
+    measurements = iter([100e9, 150e9])
+    monkeypatch.setattr(accounting, "robust_cpu_peak", lambda: next(measurements))
+    assert accounting.cpu_peak_flops() == 100e9
+    assert accounting.cpu_peak_flops() == 100e9  # cached: not measured again
+    assert accounting.cpu_peak_flops(remeasure=True) == 150e9
+    assert accounting.cpu_peak_flops() == 150e9  # the new figure replaced the cached one
+    assert list(json.loads((tmp_path / "cpu_peak.json").read_text()).values()) == [150e9]

@@ -166,8 +166,9 @@ def robust_cpu_peak() -> float:
     return max(measure_cpu_matmul_peak(size=size, seconds=1.0) for size in (1024, 2048, 1024, 2048))
 
 
-def cpu_peak_flops() -> float:
-    """The local CPU's fp32 matmul peak at the current thread count, measured once and cached."""
+def cpu_peak_flops(remeasure: bool = False) -> float:
+    """The local CPU's fp32 matmul peak at the current thread count, measured once and cached
+    (`remeasure`: measure again and replace the cached figure, e.g. after one taken at a busy moment)."""
     from scratchlm.atomic import atomic_write_text
     from scratchlm.data.sources import cache_dir
 
@@ -178,7 +179,7 @@ def cpu_peak_flops() -> float:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
-    if key not in cached:
+    if remeasure or key not in cached:
         cached[key] = robust_cpu_peak()
         with contextlib.suppress(OSError):  # an unwritable cache only costs a re-measure next time
             atomic_write_text(path, json.dumps(cached, indent=1))

@@ -147,6 +147,13 @@ def cmd_account(args: argparse.Namespace) -> None:
     from scratchlm.train.config import load_config
 
     model = load_config(args.config, args.set or []).model if args.config else PRESETS[args.preset]
+    if args.remeasure_peak:
+        from scratchlm.accounting import cpu_peak_flops
+
+        print(
+            f"local CPU fp32 matmul peak, re-measured: {cpu_peak_flops(remeasure=True) / 1e9:.1f} GFLOP/s",
+            file=sys.stderr,
+        )
     seq = args.seq or model.context_length
     report = account(model, args.batch, seq, args.device, args.mfu, args.tokens, args.memory_gb)
     print(json.dumps(report, indent=1) if args.json else format_account(report))
@@ -266,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--tokens", type=float, default=1e9, help="tokens to train on, for the time estimate")
     acc.add_argument("--memory-gb", type=float, default=80.0, help="device memory for the largest batch")
     acc.add_argument("--json", action="store_true", help="machine-readable output")
+    acc.add_argument(
+        "--remeasure-peak", action="store_true", help="measure the local CPU's matmul peak again and cache it"
+    )
     acc.set_defaults(func=cmd_account)
     return parser
 
