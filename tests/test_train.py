@@ -15,7 +15,7 @@ from scratchlm.errors import ScratchLMError
 from scratchlm.train.checkpoint import latest_checkpoint, load_checkpoint
 from scratchlm.train.config import TrainConfig, load_config, to_toml
 from scratchlm.train.metrics import read_metrics
-from scratchlm.train.trainer import train
+from scratchlm.train.trainer import steps_for_budget, train
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +131,31 @@ def test_checkpoints_load_without_executing_code(data_dir, tmp_path):
     train(tiny_config(data_dir, tmp_path / "run", max_steps=10), quiet=True)
     state = torch.load(latest_checkpoint(tmp_path / "run"), weights_only=True)
     assert state["step"] == 10 and "model" in state
+
+
+def test_steps_for_budget():
+    assert steps_for_budget(600, 100, 50, 2.0, 10**6) == 300  # 500 s left at 2 s a step
+    assert steps_for_budget(600, 700, 50, 2.0, 10**6) == 51  # over budget: stop after one more step
+    assert steps_for_budget(600, 0, 10, 0.001, 1000) == 1000  # never beyond max_steps
+
+
+def test_budget_is_refitted_when_the_machine_slows_down(data_dir, tmp_path, monkeypatch):
+    """On a simulated clock whose steps take twice as long after 1 s, a 3 s budget still ends near 3 s
+    (fitted to ~300 steps at the start, it would otherwise run ~5 s)."""
+    from types import SimpleNamespace
+
+    from scratchlm.train import trainer
+
+    clock = {"t": 0.0}
+
+    def perf_counter() -> float:
+        clock["t"] += 0.01 if clock["t"] < 1.0 else 0.02
+        return clock["t"]
+
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=perf_counter))
+    config = tiny_config(data_dir, tmp_path / "run", max_minutes=0.05, max_steps=10**6, eval_every=20,
+                         checkpoint_every=10**6, log_every=10**6)  # fmt: skip
+    result = train(config, quiet=True)
+    elapsed = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["time_s"]
+    assert 2.7 <= elapsed <= 3.3, elapsed
+    assert result["step"] == result["total_steps"] < 250

@@ -47,7 +47,7 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum_steps: int = 1
     max_steps: int = 2000
-    max_minutes: float = 0.0  # > 0: a wall-clock budget; the schedule is fitted to it after a few steps
+    max_minutes: float = 0.0  # > 0: a wall-clock budget; the schedule is fitted to it, and re-fitted at each eval
     eval_every: int = 200
     eval_tokens: int = 200_000
     log_every: int = 10

@@ -36,6 +36,13 @@ from scratchlm.train.metrics import MetricsLog, format_eta, plot_losses, read_me
 BUDGET_PROBE_STEPS = 10  # steps timed before a wall-clock budget is turned into a step count
 
 
+def steps_for_budget(budget_s: float, elapsed_s: float, step: int, seconds_per_step: float, max_steps: int) -> int:
+    """The step count that ends a run at its wall-clock budget: the steps done plus as many as the
+    remaining time holds at `seconds_per_step` (at least one more, at most max_steps)."""
+    remaining = max(0, int((budget_s - elapsed_s) / seconds_per_step))
+    return max(step + 1, min(max_steps, step + remaining))
+
+
 @dataclass
 class EvalResult:
     loss: float  # mean nats per token
@@ -211,6 +218,7 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
     first_step = step
     start = time.perf_counter()
     window_start, window_tokens = start, 0
+    fitted_at = (start, step)  # (time, step) of the last fit of total_steps to the budget
     model.train()
     with _StopFlag() as stop:
         while step < total_steps:
@@ -241,7 +249,8 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
             if budget_s and checkpoint is None and step == BUDGET_PROBE_STEPS:
                 # Fit the schedule to the wall-clock budget, from the speed of the first steps.
                 per_step = (now - start) / step
-                total_steps = max(step + 1, min(config.max_steps, int(budget_s / per_step)))
+                total_steps = steps_for_budget(budget_s, elapsed, step, per_step, config.max_steps)
+                fitted_at = (now, step)
                 say(f"budget {config.max_minutes:g} min at {per_step:.3f} s/step -> {total_steps} steps")
 
             if step % config.log_every == 0 or step == total_steps:
@@ -269,6 +278,19 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
                 say(f"  validation: loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
                     f"bits/byte {result.bits_per_byte:.4f}  ({result.tokens:,} tokens)")  # fmt: skip
                 window_start = time.perf_counter()
+
+            if budget_s and step % config.eval_every == 0 and step < total_steps and step > fitted_at[1]:
+                # Re-fit at each evaluation, from the pace since the last fit (evaluations and checkpoints
+                # included), so a machine that slows down or speeds up still ends on budget. The cosine
+                # schedule follows the new length from here on.
+                now = time.perf_counter()
+                per_step = (now - fitted_at[0]) / (step - fitted_at[1])
+                elapsed = elapsed_before + (now - start)
+                refitted = steps_for_budget(budget_s, elapsed, step, per_step, config.max_steps)
+                if abs(refitted - total_steps) > 0.01 * total_steps:
+                    say(f"  budget: {elapsed / 60:.1f} of {config.max_minutes:g} min used at {per_step:.3f} s/step "
+                        f"-> {refitted} steps (was {total_steps})")  # fmt: skip
+                total_steps, fitted_at = refitted, (now, step)
 
             stopping = stop.signal is not None
             if step % config.checkpoint_every == 0 or step == total_steps or stopping:
