@@ -157,3 +157,11 @@ def test_fused_head_loss_is_exact_and_finite_for_huge_logits():
     torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.T, targets))
     loss.backward()
     assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+
+
+def test_fused_head_loss_refuses_a_second_backward():
+    hidden, weight = torch.randn(8, 4, requires_grad=True), torch.randn(11, 4, requires_grad=True)
+    loss = head.lm_head_cross_entropy(hidden, weight, torch.randint(0, 11, (8,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()

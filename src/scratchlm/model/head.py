@@ -31,7 +31,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows = max(MIN_ROWS, min(MAX_ROWS, BLOCK_BYTES_PER_DIM * hidden.shape[1] // (4 * vocab)))
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_grad else None
-        grad_weight = torch.zeros_like(weight) if need_grad else None
+        grad_weight = torch.empty_like(weight) if need_grad else None
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for start in range(0, n, rows):
             h, t = hidden[start : start + rows], targets[start : start + rows]
@@ -47,17 +47,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs = exp.div_(sums)  # softmax
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0  # softmax - onehot (x N, see below)
                 torch.mm(probs.to(weight.dtype), weight, out=grad_hidden[start : start + rows])
-                grad_weight.addmm_(probs.mT.to(h.dtype), h)
-        if need_grad:  # the 1/N of the mean, applied to the small results instead of every logit
-            grad_hidden.div_(n)
-            grad_weight.div_(n)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+                if start == 0:
+                    torch.mm(probs.mT.to(h.dtype), h, out=grad_weight)
+                else:
+                    grad_weight.addmm_(probs.mT.to(h.dtype), h)
+        # Kept as attributes, not saved tensors, so that backward can hand the buffers to autograd,
+        # scaled in place (the 1/N of the mean and the incoming gradient in one pass, no new 20 MB array).
+        ctx.n, ctx.grads = n, (grad_hidden, grad_weight)
         return (total / n).to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None
+        if ctx.grads is None:
+            raise RuntimeError("the fused LM-head loss supports one backward pass (no retain_graph=True)")
+        (grad_hidden, grad_weight), ctx.grads = ctx.grads, None
+        scale = grad_output / ctx.n
+        return grad_hidden.mul_(scale), grad_weight.mul_(scale), None
 
 
 def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
