@@ -51,16 +51,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     torch.mm(probs.mT.to(h.dtype), h, out=grad_weight)
                 else:
                     grad_weight.addmm_(probs.mT.to(h.dtype), h)
-        # Kept as attributes, not saved tensors, so that backward can hand the buffers to autograd,
-        # scaled in place (the 1/N of the mean and the incoming gradient in one pass, no new 20 MB array).
-        ctx.n, ctx.grads = n, (grad_hidden, grad_weight)
+        ctx.n = n
+        ctx.save_for_backward(grad_hidden, grad_weight)
         return (total / n).to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        if ctx.grads is None:
-            raise RuntimeError("the fused LM-head loss supports one backward pass (no retain_graph=True)")
-        (grad_hidden, grad_weight), ctx.grads = ctx.grads, None
+        # The 1/N of the mean and the incoming gradient in one in-place pass: no new 20 MB array. (A second
+        # backward through the same graph then fails autograd's version check instead of going wrong.)
+        grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_output / ctx.n
         return grad_hidden.mul_(scale), grad_weight.mul_(scale), None
 
