@@ -37,7 +37,6 @@ from scratchlm.train.config import TrainConfig, load_config
 # on the machines named in docs/benchmarks.md). "cpu" is configs/shakespeare-cpu.toml (tested equal).
 PRESETS: dict[str, dict] = {
     "cpu": {
-        "vocab_size": 10_000,
         "expected_mfu": 0.45,
         "sets": [
             "model.vocab_size=10000",
@@ -56,7 +55,6 @@ PRESETS: dict[str, dict] = {
         ],
     },
     "gpu": {
-        "vocab_size": 10_000,
         "expected_mfu": 0.35,
         "sets": [
             "model.vocab_size=10000",
@@ -76,7 +74,6 @@ PRESETS: dict[str, dict] = {
         ],
     },
     "tiny": {  # seconds, for smoke tests
-        "vocab_size": 300,
         "expected_mfu": 0.1,
         "sets": [
             "model.vocab_size=300",
@@ -171,12 +168,12 @@ def run_speedrun(
     total = sum(p.stat().st_size for p in paths)
     print(f"{len(paths)} documents, {total / 1e6:.2f} MB")
 
+    config = build_config(preset, out, minutes, str(torch_device))
     say("2-3. split by document, train the tokenizer, encode both splits")
-    info = stage_data(paths, out, PRESETS[preset]["vocab_size"], 0.05)
+    info = stage_data(paths, out, config.model.vocab_size, 0.05)
     print(f"train: {len(info['train']['documents'])} documents, {info['train']['tokens']:,} tokens; "
           f"validation: {len(info['val']['documents'])} documents, {info['val']['tokens']:,} tokens")  # fmt: skip
 
-    config = build_config(preset, out, minutes, str(torch_device))
     say(f"4. accounting ({preset} preset on {torch_device})")
     prediction = predict(config, torch_device, PRESETS[preset]["expected_mfu"], minutes)
     print(accounting_summary(config, prediction))

@@ -191,8 +191,7 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
     atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     log = MetricsLog(run_dir / "metrics.jsonl")
 
-    compiled = torch.compile(model) if should_compile(config, device) else model
-    loss_fn = torch.compile(model.loss) if compiled is not model else model.loss
+    loss_fn = torch.compile(model.loss) if should_compile(config, device) else model.loss
     tokens_per_step = config.batch_size * config.grad_accum_steps * config.model.context_length
     flops_per_token = training_flops_per_token(config.model)
     peak = device_peak_flops(device, "bf16" if device.type == "cuda" and config.dtype == "bfloat16" else "fp32")
@@ -246,12 +245,19 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
             now = time.perf_counter()
             elapsed = elapsed_before + (now - start)
 
-            if budget_s and checkpoint is None and step == BUDGET_PROBE_STEPS:
-                # Fit the schedule to the wall-clock budget, from the speed of the first steps.
-                per_step = (now - start) / step
-                total_steps = steps_for_budget(budget_s, elapsed, step, per_step, config.max_steps)
-                fitted_at = (now, step)
-                say(f"budget {config.max_minutes:g} min at {per_step:.3f} s/step -> {total_steps} steps")
+            probe = checkpoint is None and step == BUDGET_PROBE_STEPS
+            refit = step % config.eval_every == 0 and (checkpoint is not None or step > BUDGET_PROBE_STEPS)
+            if budget_s and step < total_steps and (probe or refit):
+                # Fit the schedule to the wall-clock budget from the pace since the last fit (evaluations
+                # and checkpoints included): first after a few steps, then at every evaluation, so a run
+                # still ends on budget when the machine slows down or speeds up. The cosine schedule
+                # follows the new length from here on.
+                per_step = (now - fitted_at[0]) / (step - fitted_at[1])
+                fitted = steps_for_budget(budget_s, elapsed, step, per_step, config.max_steps)
+                if probe or abs(fitted - total_steps) > 0.01 * total_steps:
+                    say(f"budget: {elapsed / 60:.1f} of {config.max_minutes:g} min used at {per_step:.3f} s/step "
+                        f"-> {fitted} steps")  # fmt: skip
+                total_steps, fitted_at = fitted, (now, step)
 
             if step % config.log_every == 0 or step == total_steps:
                 tokens_per_s = window_tokens / (now - window_start)
@@ -278,19 +284,6 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
                 say(f"  validation: loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
                     f"bits/byte {result.bits_per_byte:.4f}  ({result.tokens:,} tokens)")  # fmt: skip
                 window_start = time.perf_counter()
-
-            if budget_s and step % config.eval_every == 0 and step < total_steps and step > fitted_at[1]:
-                # Re-fit at each evaluation, from the pace since the last fit (evaluations and checkpoints
-                # included), so a machine that slows down or speeds up still ends on budget. The cosine
-                # schedule follows the new length from here on.
-                now = time.perf_counter()
-                per_step = (now - fitted_at[0]) / (step - fitted_at[1])
-                elapsed = elapsed_before + (now - start)
-                refitted = steps_for_budget(budget_s, elapsed, step, per_step, config.max_steps)
-                if abs(refitted - total_steps) > 0.01 * total_steps:
-                    say(f"  budget: {elapsed / 60:.1f} of {config.max_minutes:g} min used at {per_step:.3f} s/step "
-                        f"-> {refitted} steps (was {total_steps})")  # fmt: skip
-                total_steps, fitted_at = refitted, (now, step)
 
             stopping = stop.signal is not None
             if step % config.checkpoint_every == 0 or step == total_steps or stopping:
