@@ -1,4 +1,5 @@
-"""Builds the optional C pre-tokenizer and merge loop; scratchlm works without them (pure Python, slower)."""
+"""Builds the optional C extensions (the pre-tokenizer, the merge loop, the fused CPU kernels); scratchlm
+works without them (pure Python / PyTorch, slower)."""
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -22,8 +23,14 @@ class OptionalBuildExt(build_ext):
 
 setup(
     ext_modules=[
-        Extension(f"scratchlm.tokenizer.{name}", [f"src/scratchlm/tokenizer/{name}.c"], extra_compile_args=["-O3"])
-        for name in ("_pretok", "_merge")
+        Extension("scratchlm.tokenizer._pretok", ["src/scratchlm/tokenizer/_pretok.c"], extra_compile_args=["-O3"]),
+        Extension("scratchlm.tokenizer._merge", ["src/scratchlm/tokenizer/_merge.c"], extra_compile_args=["-O3"]),
+        Extension(  # flags: see the head of _kernels.c
+            "scratchlm.model._kernels",
+            ["src/scratchlm/model/_kernels.c"],
+            extra_compile_args=["-O3", "-fno-trapping-math", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+        ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},
 )

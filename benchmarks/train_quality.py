@@ -49,9 +49,9 @@ def train_peer(config, minutes: float) -> dict:
     """The trainer's loop, minus checkpoints and logs, around the peer model and torch's AdamW."""
     from scratchlm.data.loader import BatchSampler
     from scratchlm.optim import clip_grad_norm, cosine_lr
-    from scratchlm.train.trainer import BUDGET_PROBE_STEPS, evaluate, load_data, setup_threads, token_byte_lengths
+    from scratchlm.train.trainer import BUDGET_PROBE_STEPS, evaluate, load_data, setup_cpu, token_byte_lengths
 
-    setup_threads(config)
+    setup_cpu(config)
     train_tokens, val_tokens, tokenizer = load_data(config)
     torch.manual_seed(config.seed)
     model = LlamaAdapter(config.model)

@@ -2,16 +2,22 @@
 `torch.optim.AdamW`, same shape, same batch, one full step (forward, backward, optimizer) each.
 
     python benchmarks/train_throughput.py [--steps 20] [--repeats 3] [--shapes tiny small] [--compile]
+                                          [--allocator default|reuse|both]
 
 --compile runs scratchlm's loss through `torch.compile` (the trainer's `compile = "yes"`); the peer stays
 eager, as `transformers` users run it. Compilation happens in the warm-up, outside the timed rounds.
 
-Both run in this process with the same threads; rounds alternate (ours, peer, ours, peer, ...) and the
-median round counts, so machine noise hits both alike. MFU = tokens/s x FLOPs per token / peak, with
-FLOPs per token = 6 x matmul parameters (LM head included) + 12 x layers x d_model x context
-(`scratchlm.accounting.training_flops_per_token`) and the peak measured here: the best fp32 FLOP/s of
-a 2048 x 2048 matmul at the same thread count, over 1-second measurements before every round (on a
-shared VM a single measurement at a busy moment reads low and makes every MFU read high).
+Both run in this process with the same threads and the same memory allocator; rounds alternate (ours,
+peer, ours, peer, ...) and the median round counts, so machine noise hits both alike. The allocator
+matters to both: glibc as it comes hands large freed blocks back to the OS, so every step faults its
+activations in again page by page; `scratchlm train` keeps freed memory for reuse instead
+(`keep_freed_memory`). `--allocator both` (the default) measures every shape with glibc's default, then
+everything again with reuse, for both models.
+MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 6 x matmul parameters (LM head
+included) + 12 x layers x d_model x context (`scratchlm.accounting.training_flops_per_token`) and the
+peak measured here: the best fp32 FLOP/s of a 2048 x 2048 matmul at the same thread count, over
+1-second measurements before every round (on a shared VM a single measurement at a busy moment reads
+low and makes every MFU read high).
 Targets (issue 3): tiny >= 1.2x the peer and MFU >= 55%; small >= 1.05x and MFU >= 80%.
 """
 
@@ -89,50 +95,65 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--compile", action="store_true", help="torch.compile scratchlm's loss")
+    parser.add_argument(
+        "--allocator", choices=["default", "reuse", "both"], default="both",
+        help="glibc as it comes, freed memory kept for reuse (what `scratchlm train` sets), or both in turn",
+    )  # fmt: skip
     args = parser.parse_args()
 
     from scratchlm.accounting import measure_cpu_matmul_peak
-    from scratchlm.model import ModelConfig
+    from scratchlm.train.trainer import keep_freed_memory
 
     peaks = [measure_cpu_matmul_peak(seconds=2.0)]
-    measured = []  # (name, config, params, scratchlm tok/s, peer tok/s)
-    for name in args.shapes:
-        shape = SHAPES[name]
-        config = ModelConfig(**{k: v for k, v in shape.items() if k != "batch"})
-        torch.manual_seed(0)
-        x = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["context_length"]))
-        y = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["context_length"]))
-        runs = {"scratchlm": ours(shape, args.compile), "transformers": peer(shape)}
-        our_params = sum(p.numel() for p in runs["scratchlm"][0].parameters())
-        peer_params = sum(p.numel() for p in runs["transformers"][0].parameters())
-        assert our_params == peer_params, f"shapes differ: {our_params} vs {peer_params} parameters"
-        for _, step in runs.values():
-            tokens_per_second(step, x, y, 3)  # warm-up
-        results = {k: [] for k in runs}
-        for _ in range(args.repeats):
-            peaks.append(measure_cpu_matmul_peak(seconds=1.0))
-            for key, (_, step) in runs.items():
-                results[key].append(tokens_per_second(step, x, y, args.steps))
-        name += " (compiled)" if args.compile else ""
-        measured.append((name, config, our_params, *(statistics.median(results[k]) for k in runs)))
-        print(table(HEADERS, [row(*measured[-1], max(peaks))]).splitlines()[-1], flush=True)  # MFU so far
+    measured = []  # (name, allocator, config, params, scratchlm tok/s, peer tok/s)
+    for allocator in ["default", "reuse"] if args.allocator == "both" else [args.allocator]:
+        if allocator == "reuse":  # for the rest of the process: glibc has no way back to its default
+            keep_freed_memory()
+        for name in args.shapes:
+            label = name + (" (compiled)" if args.compile else "")
+            measured.append((label, allocator, *measure(SHAPES[name], args, peaks)))
+            print(table(HEADERS, [row(*measured[-1], max(peaks))]).splitlines()[-1], flush=True)  # MFU so far
     print(f"\nmachine: {machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"fp32 matmul peak (2048^2, best of {len(peaks)} measurements): {max(peaks) / 1e9:.1f} GFLOP/s\n")
     print(table(HEADERS, [row(*m, max(peaks)) for m in measured]))
 
 
-def row(name: str, config, params: int, ours_tps: float, peer_tps: float, peak: float) -> list[str]:
+def measure(shape: dict, args, peaks: list[float]) -> tuple:
+    """(config, parameters, scratchlm tok/s, peer tok/s): medians over alternating rounds. Appends a
+    peak measurement before every round to `peaks`."""
+    from scratchlm.accounting import measure_cpu_matmul_peak
+    from scratchlm.model import ModelConfig
+
+    config = ModelConfig(**{k: v for k, v in shape.items() if k != "batch"})
+    torch.manual_seed(0)
+    x = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["context_length"]))
+    y = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["context_length"]))
+    runs = {"scratchlm": ours(shape, args.compile), "transformers": peer(shape)}
+    our_params = sum(p.numel() for p in runs["scratchlm"][0].parameters())
+    peer_params = sum(p.numel() for p in runs["transformers"][0].parameters())
+    assert our_params == peer_params, f"shapes differ: {our_params} vs {peer_params} parameters"
+    for _, step in runs.values():
+        tokens_per_second(step, x, y, 3)  # warm-up
+    results = {k: [] for k in runs}
+    for _ in range(args.repeats):
+        peaks.append(measure_cpu_matmul_peak(seconds=1.0))
+        for key, (_, step) in runs.items():
+            results[key].append(tokens_per_second(step, x, y, args.steps))
+    return config, our_params, *(statistics.median(results[k]) for k in runs)
+
+
+def row(name: str, allocator: str, config, params: int, ours_tps: float, peer_tps: float, peak: float) -> list[str]:
     from scratchlm.accounting import matmul_parameters, training_flops_per_token
 
     flops = training_flops_per_token(config)
     return [
-        name, f"{params / 1e6:.2f}M", f"{matmul_parameters(config) / 1e6:.2f}M", f"{flops / 1e6:.1f}",
+        name, allocator, f"{params / 1e6:.2f}M", f"{matmul_parameters(config) / 1e6:.2f}M", f"{flops / 1e6:.1f}",
         f"{ours_tps:,.0f}", f"{peer_tps:,.0f}", f"{ours_tps / peer_tps:.2f}",
         f"{ours_tps * flops / peak:.1%}", f"{peer_tps * flops / peak:.1%}",
     ]  # fmt: skip
 
 
-HEADERS = ["shape", "params", "matmul params", "MFLOP/token", "scratchlm tok/s", "HF Llama tok/s", "ratio",
+HEADERS = ["shape", "allocator", "params", "matmul params", "MFLOP/token", "scratchlm tok/s", "HF Llama tok/s", "ratio",
            "scratchlm MFU", "HF MFU"]  # fmt: skip
 
 if __name__ == "__main__":

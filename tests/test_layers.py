@@ -45,18 +45,32 @@ def test_rmsnorm(fused, dtype):
     norm = RMSNorm(64, fused=fused)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(64))
-    x = (torch.randn(2, 9, 64) * 5).to(dtype)
+    x = (torch.randn(2, 9, 64) * 5).to(dtype).requires_grad_()
     expected = F.rms_norm(x.float(), (64,), norm.weight, eps=1e-5).to(dtype)
     out = norm(x)
     assert out.dtype == dtype
     torch.testing.assert_close(out, expected)
+    grad_out = torch.randn_like(out)
+    for ours, theirs in zip(
+        torch.autograd.grad(out, [x, norm.weight], grad_out),
+        torch.autograd.grad(expected, [x, norm.weight], grad_out),
+        strict=True,
+    ):
+        torch.testing.assert_close(ours, theirs)
 
 
-def test_swiglu_and_d_ff():
-    ffn = SwiGLU(64, 192)
-    x = torch.randn(2, 5, 64)
+@pytest.mark.parametrize("fused", [False, True])
+def test_swiglu_and_d_ff(fused):
+    ffn = SwiGLU(64, 192, fused=fused)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    out = ffn(x)
     expected = F.linear(F.silu(F.linear(x, ffn.w1.weight)) * F.linear(x, ffn.w3.weight), ffn.w2.weight)
-    torch.testing.assert_close(ffn(x), expected)
+    torch.testing.assert_close(out, expected)
+    grad_out, params = torch.randn_like(out), [x, ffn.w1.weight, ffn.w2.weight, ffn.w3.weight]
+    for ours, theirs in zip(
+        torch.autograd.grad(out, params, grad_out), torch.autograd.grad(expected, params, grad_out), strict=True
+    ):
+        torch.testing.assert_close(ours, theirs)
     assert default_d_ff(512) == 1344 and default_d_ff(128) == 320 and default_d_ff(768) == 2048
 
 

@@ -130,13 +130,14 @@ def test_gradients_match_finite_differences():
 def test_fused_head_loss_matches_logits_then_cross_entropy(vocab, monkeypatch):
     """The chunked LM head + loss: same loss and same gradients as logits -> F.cross_entropy."""
     monkeypatch.setattr(head, "MIN_ROWS", 1)
-    monkeypatch.setattr(head, "MAX_ROWS", 100)  # blocks of 100 rows, the last one ragged
+    monkeypatch.setattr(head, "BLOCK_BYTES", 100 * 4 * vocab)  # at most 100 rows a block
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=vocab, context_length=16, d_model=32, n_layers=1, n_heads=4)
     fused = TransformerLM(config)
     plain = TransformerLM(ModelConfig(**{**vars(config), "fused_kernels": False}))
     plain.load_state_dict(fused.state_dict())
-    ids, targets = torch.randint(0, vocab, (20, 16)), torch.randint(0, vocab, (20, 16))  # 320 rows: 4 blocks
+    ids, targets = torch.randint(0, vocab, (20, 13)), torch.randint(0, vocab, (20, 13))  # 260 rows: 87, 87, 86
+    assert head.block_rows(260, vocab) == 87
     loss_fused = fused.loss(ids, targets)
     loss_ref = F.cross_entropy(plain(ids).flatten(0, 1), targets.flatten())
     torch.testing.assert_close(loss_fused, loss_ref)
@@ -146,6 +147,13 @@ def test_fused_head_loss_matches_logits_then_cross_entropy(vocab, monkeypatch):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
     with torch.no_grad():
         torch.testing.assert_close(fused.loss(ids, targets), loss_ref)
+
+
+def test_head_blocks_hold_at_most_64_mib_of_logits_in_equal_blocks():
+    assert head.block_rows(2048, 10_000) == 1024  # 1677 rows fit: two blocks
+    assert head.block_rows(2048, 50_257) == 293  # 333 fit: seven blocks
+    assert head.block_rows(10, 10_000) == 10
+    assert head.block_rows(5000, 10**7) == head.MIN_ROWS  # a huge vocabulary still gets MIN_ROWS rows
 
 
 def test_fused_head_loss_is_exact_and_finite_for_huge_logits():

@@ -109,21 +109,21 @@ def activation_elements(config: ModelConfig, batch: int, seq: int) -> dict[str, 
     """Elements of the tensors the fused training path saves for backward (measured op by op with
     saved-tensor hooks, and checked within 15% by the tests).
 
-    Per layer and token: the two RMSNorms (input, normalized copy, 1/rms: 2 d + 1 each) and the inputs
-    of the two merged projections (q|k|v and w1|w3: d each) = 6 d + 2; attention: q and k after RoPE,
+    Per layer and token: the two RMSNorms (input and 1/rms: d + 1 each) and the inputs of the
+    projections they feed (q|k|v, and w1 and w3: d each) = 4 d + 2; attention: q and k after RoPE,
     the q|k|v projection output (v is a view of it), the output and its log-sum-exp per head
-    = 3 d + 3 kv + heads; the FFN: w1|w3 output, SiLU(gate) and the gated product (4 d_ff; 2 d_ff for
-    the plain SiLU FFN). Per layer, whatever the batch: the concatenated weights and the RoPE rotations.
-    Then the final norm (2 d + 1 per token) and the fused head's gradients (d per token + vocab x d).
+    = 3 d + 3 kv + heads; the FFN: gate and up (the SwiGLU activation's inputs) and the gated product
+    (3 d_ff; 2 d_ff for the plain SiLU FFN). Per layer, whatever the batch: the concatenated q|k|v
+    weights and the RoPE rotations. Then the final norm (d + 1 per token) and the fused head's
+    gradients (d per token + vocab x d).
     """
     d, kv, ff, h = config.d_model, config.n_kv_heads * config.d_head, config.d_ff, config.n_heads
     tokens = batch * seq
-    swiglu = config.ffn == "swiglu"
-    per_token = (6 * d + 2) + (3 * d + 3 * kv + h) + (4 * ff if swiglu else 2 * ff)
-    per_layer_fixed = (d + 2 * kv) * d + (2 * ff * d if swiglu else 0) + 2 * seq * config.d_head
+    per_token = (4 * d + 2) + (3 * d + 3 * kv + h) + (3 * ff if config.ffn == "swiglu" else 2 * ff)
+    per_layer_fixed = (d + 2 * kv) * d + 2 * seq * config.d_head
     return {
         "layers": config.n_layers * (per_token * tokens + per_layer_fixed),
-        "final norm + head": (3 * d + 1) * tokens + config.vocab_size * d,
+        "final norm + head": (2 * d + 1) * tokens + config.vocab_size * d,
     }
 
 

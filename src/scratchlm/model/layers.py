@@ -1,9 +1,10 @@
 """The building blocks of the Transformer, written out: Linear, Embedding, RMSNorm, SwiGLU, RoPE,
 softmax, scaled dot-product attention and causal multi-head self-attention.
 
-PyTorch supplies tensors, autograd and the `nn.Module` / `nn.Parameter` containers. Where PyTorch has
-a fused kernel for the same math (`F.scaled_dot_product_attention`, `F.rms_norm`) a module may use it
-when `fused=True`; tests check both paths agree.
+PyTorch supplies tensors, autograd and the `nn.Module` / `nn.Parameter` containers. With `fused=True`
+a module uses a fused kernel for the same math where one exists: our own C kernels on CPU
+(`scratchlm.model.kernels`: RMSNorm, SwiGLU's activation), else PyTorch's (`F.scaled_dot_product_attention`,
+`F.rms_norm`, `F.silu`); tests check every path against the written-out one.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Merging projections (q|k|v, w1|w3) into one matmul copies their weights on every call: worth it for
+from scratchlm.model import kernels
+
+# Merging the q, k and v projections into one matmul copies their weights on every call: worth it for
 # training batches (thousands of rows), not for a prompt of a few tokens. (Decoding steps on CPU merge
-# too, from a cached copy: see DecodeWeight.)
+# them, and w1|w3, from a cached copy: see DecodeWeight.)
 MERGE_MIN_ROWS = 256
 
 
@@ -147,7 +150,7 @@ class RMSNorm(nn.Module):
         x = x.to(torch.promote_types(in_dtype, torch.float32))  # upcast bf16/fp16; never downcast fp64
         weight = self.weight.to(x.dtype)
         if self.fused:
-            out = F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+            out = kernels.rms_norm(x, weight, self.eps)
         else:
             out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
         return out.to(in_dtype)
@@ -163,22 +166,26 @@ def default_d_ff(d_model: int) -> int:
 
 
 class SwiGLU(nn.Module):
-    """W2(SiLU(W1 x) * W3 x). w1, w3: (d_ff, d_model); w2: (d_model, d_ff). fused: F.silu (one kernel)."""
+    """W2(SiLU(W1 x) * W3 x). w1, w3: (d_ff, d_model); w2: (d_model, d_ff).
+    fused: SiLU(.) * . as one kernel (`kernels.swiglu_activation`)."""
 
     def __init__(self, d_model: int, d_ff: int, fused: bool = False, device=None, dtype=None) -> None:
         super().__init__()
         self.w1 = Linear(d_model, d_ff, device, dtype)
         self.w2 = Linear(d_ff, d_model, device, dtype)
         self.w3 = Linear(d_model, d_ff, device, dtype)
-        self.activation = F.silu if fused else silu
+        self.fused = fused
         self._decode: DecodeWeight | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., d_model) -> (..., d_model)"""
-        if self.activation is F.silu and _merge_pays(x):  # one (d_model -> 2 d_ff) matmul instead of two
+        if not self.fused:  # written out
+            return self.w2(silu(self.w1(x)) * self.w3(x))
+        if _is_cpu_decode_step(x):  # one product with w1|w3 stacked (see DecodeWeight)
             gate, up = project(x, (self.w1.weight, self.w3.weight), self).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
-        return self.w2(silu(self.w1(x)) * self.w3(x))
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(kernels.swiglu_activation(gate, up))
 
 
 class SiLUFFN(nn.Module):

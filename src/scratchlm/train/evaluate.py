@@ -9,7 +9,7 @@ from scratchlm.data.loader import resolve_device
 from scratchlm.errors import ScratchLMError
 from scratchlm.train.checkpoint import latest_checkpoint, load_checkpoint
 from scratchlm.train.config import load_config
-from scratchlm.train.trainer import build_model, evaluate, load_data, setup_threads, token_byte_lengths
+from scratchlm.train.trainer import build_model, evaluate, load_data, setup_cpu, token_byte_lengths
 
 
 def evaluate_run(run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
@@ -20,7 +20,7 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise ScratchLMError(f"{run_dir} has no checkpoint yet")
-    setup_threads(config)
+    setup_cpu(config)
     device = resolve_device(config.device)
     _, val_tokens, tokenizer = load_data(config)
     model = build_model(config, device)

@@ -10,6 +10,7 @@ the run without saving, so the last good checkpoint stays the latest.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -51,8 +52,28 @@ class EvalResult:
     tokens: int
 
 
-def setup_threads(config: TrainConfig) -> None:
+def setup_cpu(config: TrainConfig) -> None:
+    """Threads as configured (0 = all cores), and freed memory kept for reuse (`keep_freed_memory`)."""
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    keep_freed_memory()
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for the next allocation instead of returning it to the OS.
+
+    By default glibc serves large blocks with fresh pages from the OS and hands them back on free, so a
+    training step faults its activations in again page by page: 57,000 page faults a step (228 MB) at
+    the small benchmark shape, 3-5% of the step on a 2-core CPU. With the mmap threshold at 1 GiB and
+    trimming at 2 GiB the freed blocks are reused and a step faults almost never (what jemalloc or
+    tcmalloc would give). The price: the process holds on to its peak memory. Returns whether the
+    setting took (False without glibc: macOS, musl).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
 def build_model(config: TrainConfig, device: torch.device) -> TransformerLM:
@@ -159,7 +180,7 @@ def load_data(config: TrainConfig):
 def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict:
     """Train (or resume) the run in `config.out_dir`; returns the final metrics."""
     say = (lambda *a, **k: None) if quiet else print
-    setup_threads(config)
+    setup_cpu(config)
     device = resolve_device(config.device)
     run_dir = Path(config.out_dir)
     train_tokens, val_tokens, tokenizer = load_data(config)

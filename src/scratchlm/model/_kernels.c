@@ -1,0 +1,347 @@
+/*
+ * Fused CPU kernels for the elementwise parts of a training step, float32, row-major, contiguous.
+ *
+ * PyTorch runs SwiGLU's activation and RMSNorm's backward as several whole-array passes each (silu,
+ * mul, silu_backward, mul, mul, ...; RMSNorm's backward is eight). Every pass streams megabytes
+ * through memory for a few FLOPs per element. Each kernel here is one pass: it reads its inputs once
+ * and writes its outputs once, so a row is in L1 for all of its arithmetic.
+ *
+ *   swiglu_forward(g, u, a, n)                  a = silu(g) * u
+ *   swiglu_backward(g, u, grad_a, grad_g, grad_u, n)
+ *                                               the gradients of g and u
+ *   rmsnorm_forward(x, w, y, rstd, rows, d, eps)
+ *                                               y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) per row
+ *   rmsnorm_backward(x, w, rstd, grad_y, grad_x, grad_w_parts, rows, d)
+ *                                               grad_x, and one partial grad_w per thread (summed by the caller)
+ *   cross_entropy(logits, targets, losses, rows, vocab, grad)
+ *                                               per-row cross-entropy; with grad, the logits are overwritten
+ *                                               by its gradient softmax - onehot (the LM head's five passes)
+ *
+ * Arguments are tensors' data pointers (ints) and sizes; the last argument of each is the thread
+ * count. Work is split into one contiguous range per thread (OpenMP, the GIL released), and each loop
+ * is compiled twice, for AVX2 + FMA and for the baseline, picked at load time by the CPU.
+ * exp is a polynomial (below) so that the loops vectorize; it is within 2 ulp of expf.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MIN_ELEMENTS_PER_THREAD 16384 /* below this, starting a thread costs more than it saves */
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VECTORIZED __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define VECTORIZED
+#endif
+/* Helpers are inlined into each clone (a plain `inline` is not, into the AVX2 one, and the loop that
+ * calls it then stays scalar). */
+#define INLINE static inline __attribute__((always_inline))
+
+/* exp(x) = 2^k * exp(r), k = round(x / ln 2), |r| <= ln2 / 2; exp(r) by its degree-6 Taylor polynomial
+ * (Cephes' expf). Branch-free, so that gcc vectorizes loops that call it. */
+INLINE float exp_poly(float x) {
+    x = x < -87.33654f ? -87.33654f : x; /* keeps 2^k a normal float; vectorizes (as a blend) with */
+    x = x > 88.0f ? 88.0f : x;           /* -fno-trapping-math, which fminf / fmaxf do not */
+    float k = x * 1.44269504088896341f + 12582912.0f; /* round to nearest via the float's mantissa */
+    k -= 12582912.0f;
+    float r = x - k * 0.693359375f; /* ln 2 in two parts, so r is exact */
+    r = r + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* ---- splitting work over threads ---- */
+
+typedef void (*RangeFn)(const void *args, int64_t begin, int64_t end, int part);
+
+/* Runs fn over [0, n) in up to `threads` contiguous parts, in OpenMP threads. PyTorch's CPU wheels ship
+ * their own libgomp.so.1; imported after torch, this module shares that runtime and so the same worker
+ * threads (its own POSIX threads were 2x slower: they competed with PyTorch's, which spin-wait for work
+ * after each operation). `cost` is the number of elements each of the n items touches. Returns the
+ * number of parts. */
+static int parallel_for(RangeFn fn, const void *args, int64_t n, int64_t cost, int threads) {
+    int64_t useful = (n * cost) / MIN_ELEMENTS_PER_THREAD;
+    if (threads > useful) threads = (int)(useful > 1 ? useful : 1);
+    if (threads > n) threads = (int)(n > 1 ? n : 1);
+    if (threads == 1) {
+        fn(args, 0, n, 0);
+        return 1;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; t++) fn(args, n * t / threads, n * (t + 1) / threads, t);
+    return threads;
+}
+
+/* ---- SwiGLU's activation: a = silu(g) * u = g * sigmoid(g) * u ---- */
+
+typedef struct {
+    const float *g, *u, *grad_a;
+    float *a, *grad_g, *grad_u;
+} SwiGLUArgs;
+
+VECTORIZED static void swiglu_forward_loop(const float *restrict g, const float *restrict u, float *restrict a,
+                                           int64_t n) {
+    for (int64_t i = 0; i < n; i++) a[i] = g[i] / (1.0f + exp_poly(-g[i])) * u[i];
+}
+
+/* d a / d g = u * sigmoid(g) * (1 + g * (1 - sigmoid(g))),  d a / d u = silu(g). (Pointer arguments
+ * declared restrict here, not locals: gcc then needs no run-time alias checks, of which there would be
+ * too many for it to vectorize.) */
+VECTORIZED static void swiglu_backward_loop(const float *restrict g, const float *restrict u,
+                                            const float *restrict grad_a, float *restrict grad_g,
+                                            float *restrict grad_u, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float sig = 1.0f / (1.0f + exp_poly(-g[i]));
+        grad_g[i] = grad_a[i] * u[i] * sig * (1.0f + g[i] * (1.0f - sig));
+        grad_u[i] = grad_a[i] * g[i] * sig;
+    }
+}
+
+static void swiglu_forward_range(const void *p, int64_t begin, int64_t end, int part) {
+    (void)part;
+    const SwiGLUArgs *s = (const SwiGLUArgs *)p;
+    swiglu_forward_loop(s->g + begin, s->u + begin, s->a + begin, end - begin);
+}
+
+static void swiglu_backward_range(const void *p, int64_t begin, int64_t end, int part) {
+    (void)part;
+    const SwiGLUArgs *s = (const SwiGLUArgs *)p;
+    swiglu_backward_loop(s->g + begin, s->u + begin, s->grad_a + begin, s->grad_g + begin, s->grad_u + begin,
+                         end - begin);
+}
+
+/* ---- RMSNorm: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps), per row of d ---- */
+
+typedef struct {
+    const float *x, *w, *rstd_in, *grad_y;
+    float *y, *rstd, *grad_x, *grad_w_parts;
+    int64_t d;
+    float eps;
+} RMSNormArgs;
+
+#define LANES 8 /* independent partial sums, so the reductions vectorize without reassociation flags */
+
+INLINE float dot(const float *restrict a, const float *restrict b, int64_t d) {
+    float lanes[LANES] = {0};
+    int64_t j = 0;
+    for (; j + LANES <= d; j += LANES)
+        for (int l = 0; l < LANES; l++) lanes[l] += a[j + l] * b[j + l];
+    float total = 0.0f;
+    for (; j < d; j++) total += a[j] * b[j];
+    for (int l = 0; l < LANES; l++) total += lanes[l];
+    return total;
+}
+
+VECTORIZED static void rmsnorm_forward_range(const void *p, int64_t begin, int64_t end, int part) {
+    (void)part;
+    const RMSNormArgs *s = (const RMSNormArgs *)p;
+    const int64_t d = s->d;
+    const float *restrict w = s->w;
+    for (int64_t row = begin; row < end; row++) {
+        const float *restrict x = s->x + row * d;
+        float *restrict y = s->y + row * d;
+        float r = 1.0f / sqrtf(dot(x, x, d) / (float)d + s->eps);
+        s->rstd[row] = r;
+        for (int64_t j = 0; j < d; j++) y[j] = x[j] * r * w[j];
+    }
+}
+
+/* grad_x = rstd * (gw - x * rstd^2 * mean(gw * x)) with gw = grad_y * w;  grad_w += grad_y * x * rstd. */
+VECTORIZED static void rmsnorm_backward_range(const void *p, int64_t begin, int64_t end, int part) {
+    const RMSNormArgs *s = (const RMSNormArgs *)p;
+    const int64_t d = s->d;
+    const float *restrict w = s->w;
+    float *restrict grad_w = s->grad_w_parts + part * d;
+    memset(grad_w, 0, (size_t)d * sizeof(float));
+    for (int64_t row = begin; row < end; row++) {
+        const float *restrict x = s->x + row * d, *restrict gy = s->grad_y + row * d;
+        float *restrict gx = s->grad_x + row * d;
+        float r = s->rstd_in[row];
+        float lanes[LANES] = {0};
+        int64_t j = 0;
+        for (; j + LANES <= d; j += LANES)
+            for (int l = 0; l < LANES; l++) {
+                float gyx = gy[j + l] * x[j + l];
+                lanes[l] += gyx * w[j + l];
+                grad_w[j + l] += gyx * r;
+            }
+        float gwx = 0.0f;
+        for (; j < d; j++) {
+            float gyx = gy[j] * x[j];
+            gwx += gyx * w[j];
+            grad_w[j] += gyx * r;
+        }
+        for (int l = 0; l < LANES; l++) gwx += lanes[l];
+        float c = r * r * gwx / (float)d;
+        for (j = 0; j < d; j++) gx[j] = r * (gy[j] * w[j] - x[j] * c);
+    }
+}
+
+/* ---- cross-entropy over rows of logits, and its gradient in place ----
+ * loss = log sum_j exp(z_j - max) + max - z_target; with grad, z becomes softmax(z) - onehot(target). */
+
+typedef struct {
+    float *logits;
+    const int64_t *targets;
+    float *losses;
+    int64_t vocab;
+    int grad;
+} CrossEntropyArgs;
+
+VECTORIZED static float row_max(const float *restrict z, int64_t n) {
+    float lanes[LANES];
+    for (int l = 0; l < LANES; l++) lanes[l] = -INFINITY;
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; l++) lanes[l] = z[j + l] > lanes[l] ? z[j + l] : lanes[l];
+    float top = -INFINITY;
+    for (; j < n; j++) top = z[j] > top ? z[j] : top;
+    for (int l = 0; l < LANES; l++) top = lanes[l] > top ? lanes[l] : top;
+    return top;
+}
+
+/* z <- exp(z - top) (when `keep`), returns the sum of exp(z - top). */
+VECTORIZED static float exp_sum(float *restrict z, float top, int64_t n, int keep) {
+    float lanes[LANES] = {0};
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float e = exp_poly(z[j + l] - top);
+            if (keep) z[j + l] = e;
+            lanes[l] += e;
+        }
+    float total = 0.0f;
+    for (; j < n; j++) {
+        float e = exp_poly(z[j] - top);
+        if (keep) z[j] = e;
+        total += e;
+    }
+    for (int l = 0; l < LANES; l++) total += lanes[l];
+    return total;
+}
+
+VECTORIZED static void scale(float *restrict z, float factor, int64_t n) {
+    for (int64_t j = 0; j < n; j++) z[j] *= factor;
+}
+
+static void cross_entropy_range(const void *p, int64_t begin, int64_t end, int part) {
+    (void)part;
+    const CrossEntropyArgs *s = (const CrossEntropyArgs *)p;
+    for (int64_t row = begin; row < end; row++) {
+        float *z = s->logits + row * s->vocab;
+        int64_t target = s->targets[row];
+        float target_logit = z[target], top = row_max(z, s->vocab);
+        float total = exp_sum(z, top, s->vocab, s->grad);
+        s->losses[row] = logf(total) + top - target_logit;
+        if (s->grad) {
+            scale(z, 1.0f / total, s->vocab);
+            z[target] -= 1.0f;
+        }
+    }
+}
+
+/* ---- Python bindings ---- */
+
+#define PTR(type, v) ((type *)(uintptr_t)(v))
+
+static PyObject *swiglu_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long g, u, a;
+    long long n;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKKLi", &g, &u, &a, &n, &threads)) return NULL;
+    SwiGLUArgs s = {.g = PTR(const float, g), .u = PTR(const float, u), .a = PTR(float, a)};
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(swiglu_forward_range, &s, n, 1, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *swiglu_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long g, u, grad_a, grad_g, grad_u;
+    long long n;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKKKKLi", &g, &u, &grad_a, &grad_g, &grad_u, &n, &threads)) return NULL;
+    SwiGLUArgs s = {.g = PTR(const float, g), .u = PTR(const float, u), .grad_a = PTR(const float, grad_a),
+                    .grad_g = PTR(float, grad_g), .grad_u = PTR(float, grad_u)};
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(swiglu_backward_range, &s, n, 1, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *rmsnorm_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, w, y, rstd;
+    long long rows, d;
+    double eps;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKKKLLdi", &x, &w, &y, &rstd, &rows, &d, &eps, &threads)) return NULL;
+    RMSNormArgs s = {.x = PTR(const float, x), .w = PTR(const float, w), .y = PTR(float, y),
+                     .rstd = PTR(float, rstd), .d = d, .eps = (float)eps};
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(rmsnorm_forward_range, &s, rows, d, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *rmsnorm_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, w, rstd, grad_y, grad_x, grad_w_parts;
+    long long rows, d;
+    int threads, parts;
+    if (!PyArg_ParseTuple(args, "KKKKKKLLi", &x, &w, &rstd, &grad_y, &grad_x, &grad_w_parts, &rows, &d, &threads))
+        return NULL;
+    RMSNormArgs s = {.x = PTR(const float, x),         .w = PTR(const float, w),
+                     .rstd_in = PTR(const float, rstd), .grad_y = PTR(const float, grad_y),
+                     .grad_x = PTR(float, grad_x),      .grad_w_parts = PTR(float, grad_w_parts),
+                     .d = d};
+    Py_BEGIN_ALLOW_THREADS
+    parts = parallel_for(rmsnorm_backward_range, &s, rows, d, threads);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(parts);
+}
+
+static PyObject *cross_entropy(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long logits, targets, losses;
+    long long rows, vocab;
+    int grad, threads;
+    if (!PyArg_ParseTuple(args, "KKKLLpi", &logits, &targets, &losses, &rows, &vocab, &grad, &threads)) return NULL;
+    CrossEntropyArgs s = {PTR(float, logits), PTR(const int64_t, targets), PTR(float, losses), vocab, grad};
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(cross_entropy_range, &s, rows, vocab, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"swiglu_forward", swiglu_forward, METH_VARARGS, "swiglu_forward(g, u, a, n, threads): a = silu(g) * u"},
+    {"swiglu_backward", swiglu_backward, METH_VARARGS,
+     "swiglu_backward(g, u, grad_a, grad_g, grad_u, n, threads): the gradients of g and u"},
+    {"rmsnorm_forward", rmsnorm_forward, METH_VARARGS,
+     "rmsnorm_forward(x, w, y, rstd, rows, d, eps, threads): y = x * rstd * w, rstd per row"},
+    {"rmsnorm_backward", rmsnorm_backward, METH_VARARGS,
+     "rmsnorm_backward(x, w, rstd, grad_y, grad_x, grad_w_parts, rows, d, threads) -> parts used"},
+    {"cross_entropy", cross_entropy, METH_VARARGS,
+     "cross_entropy(logits, targets, losses, rows, vocab, grad, threads): per-row losses; with grad, "
+     "logits become softmax - onehot"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "Fused CPU kernels (float32).", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

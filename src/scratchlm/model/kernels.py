@@ -1,0 +1,115 @@
+"""Fused CPU kernels (`_kernels.c`) behind autograd: SwiGLU's activation and RMSNorm, each forward and
+backward in one pass over memory instead of PyTorch's several.
+
+They apply to float32 CPU tensors laid out contiguously; everything else (CUDA, bf16, strided views),
+and an install without a C compiler, takes the PyTorch expression, which the tests check them against.
+Measured on the small benchmark shape (2048 rows, 2-core EPYC), forward + backward: SwiGLU's activation
+(d_ff 1344) 7.1 -> 5.3 ms, RMSNorm (d 512) 3.4 -> 0.3 ms.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    from scratchlm.model import _kernels  # imported after torch: shares its OpenMP threads (see _kernels.c)
+except ImportError:  # built without a C compiler
+    _kernels = None
+
+HAVE_C = _kernels is not None
+
+
+def available(*tensors: Tensor) -> bool:
+    """Whether the C kernels take these tensors: float32, on CPU, contiguous."""
+    return HAVE_C and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+
+class _SwiGLUActivation(torch.autograd.Function):
+    """silu(gate) * up, saving only gate and up (autograd's own graph also keeps silu(gate)).
+    The C kernels where they apply, else the same math in PyTorch operations."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        if not available(gate, up):
+            return F.silu(gate) * up
+        out = torch.empty_like(gate)
+        _kernels.swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), torch.get_num_threads())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor]:
+        gate, up = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        if not available(gate, up, grad_out):
+            sig = torch.sigmoid(gate)
+            grad_up = grad_out * gate * sig
+            return grad_out * up * sig * (1 + gate * (1 - sig)), grad_up
+        grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+        _kernels.swiglu_backward(
+            gate.data_ptr(), up.data_ptr(), grad_out.data_ptr(), grad_gate.data_ptr(), grad_up.data_ptr(),
+            gate.numel(), torch.get_num_threads(),
+        )  # fmt: skip
+        return grad_gate, grad_up
+
+
+def swiglu_activation(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up, elementwise. gate, up: (..., d_ff), the same shape."""
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up differ in shape: {tuple(gate.shape)} vs {tuple(up.shape)}")
+    return _SwiGLUActivation.apply(gate, up)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        d = x.shape[-1]
+        rows = x.numel() // d
+        out, rstd = torch.empty_like(x), x.new_empty(rows)
+        threads = torch.get_num_threads()
+        _kernels.rmsnorm_forward(
+            x.data_ptr(), weight.data_ptr(), out.data_ptr(), rstd.data_ptr(), rows, d, eps, threads
+        )
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
+        x, weight, rstd = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        d, rows, threads = x.shape[-1], rstd.numel(), torch.get_num_threads()
+        grad_x, grad_weight_parts = torch.empty_like(x), x.new_empty(threads, d)
+        parts = _kernels.rmsnorm_backward(
+            x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), grad_out.data_ptr(), grad_x.data_ptr(),
+            grad_weight_parts.data_ptr(), rows, d, threads,
+        )  # fmt: skip
+        return grad_x, grad_weight_parts[:parts].sum(0), None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x^2, last dim) + eps) * weight. x: (..., d), weight: (d,)."""
+    if available(x, weight) and weight.shape == x.shape[-1:] and x.numel():
+        return _RMSNorm.apply(x, weight, eps)
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
+
+
+def cross_entropy_rows_(logits: Tensor, targets: Tensor, grad: bool) -> Tensor:
+    """Per-row cross-entropy -log softmax(logits)_target, (rows,); with `grad`, `logits` is overwritten
+    by the loss's gradient with respect to it, softmax(logits) - onehot(target).
+    logits: (rows, vocab) float32, targets: (rows,) integer."""
+    if available(logits) and targets.dtype == torch.int64 and targets.is_contiguous():
+        losses = logits.new_empty(logits.shape[0])
+        _kernels.cross_entropy(
+            logits.data_ptr(), targets.data_ptr(), losses.data_ptr(), *logits.shape, grad, torch.get_num_threads()
+        )
+        return losses
+    # -log softmax(z)_t = log sum_j exp(z_j - max) + max - z_t, and softmax(z) from the same exp.
+    target_logits = logits.gather(1, targets[:, None])
+    top = logits.amax(dim=1, keepdim=True)
+    exp = logits.sub_(top).exp_()
+    sums = exp.sum(dim=1, keepdim=True)
+    if grad:
+        exp.div_(sums)[torch.arange(len(targets), device=targets.device), targets] -= 1.0
+    return (sums.log() + top - target_logits).squeeze(1)
