@@ -156,6 +156,19 @@ def test_head_blocks_hold_at_most_64_mib_of_logits_in_equal_blocks():
     assert head.block_rows(5000, 10**7) == head.MIN_ROWS  # a huge vocabulary still gets MIN_ROWS rows
 
 
+def test_fused_head_without_autograd_computes_only_the_loss():
+    """Under no_grad (evaluation) the head does the logits' matmul and nothing of the gradients'
+    (FlopCounterMode counts 2 N d V, not 3x that), and gives the same loss."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hidden, weight = torch.randn(300, 16, requires_grad=True), torch.randn(97, 16, requires_grad=True)
+    targets = torch.randint(0, 97, (300,))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        loss = head.lm_head_cross_entropy(hidden, weight, targets)
+    assert counter.get_total_flops() == 2 * 300 * 16 * 97
+    torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.T, targets))
+
+
 def test_fused_head_loss_is_exact_and_finite_for_huge_logits():
     torch.manual_seed(0)
     hidden = (torch.randn(50, 16) * 1000).requires_grad_()  # logits of order 1e4

@@ -32,31 +32,37 @@ def block_rows(n: int, vocab: int) -> int:
     return -(-n // max(blocks, 1))
 
 
+def _blocked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, need_grad: bool):
+    """(mean loss, N x its gradient for hidden, N x its gradient for weight) — the gradients None
+    without `need_grad`."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    rows = block_rows(n, vocab)
+    grad_hidden = torch.empty_like(hidden) if need_grad else None
+    grad_weight = torch.empty_like(weight) if need_grad else None
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for start in range(0, n, rows):
+        h, t = hidden[start : start + rows], targets[start : start + rows]
+        logits = (h @ weight.mT).float()  # (rows, vocab)
+        # One pass over the block (a C kernel on CPU): the rows' losses and, for the gradients, the
+        # logits overwritten by N x d loss / d logits = softmax - onehot (the 1/N comes in backward).
+        total += cross_entropy_rows_(logits, t, grad=need_grad).sum(dtype=torch.float64)
+        if need_grad:
+            grad_logits = logits.to(weight.dtype)
+            torch.mm(grad_logits, weight, out=grad_hidden[start : start + rows])
+            if start == 0:
+                torch.mm(grad_logits.mT, h, out=grad_weight)
+            else:
+                grad_weight.addmm_(grad_logits.mT, h)
+    return (total / n).to(hidden.dtype), grad_hidden, grad_weight
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
-        n, vocab = hidden.shape[0], weight.shape[0]
-        rows = block_rows(n, vocab)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if need_grad else None
-        grad_weight = torch.empty_like(weight) if need_grad else None
-        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        for start in range(0, n, rows):
-            h, t = hidden[start : start + rows], targets[start : start + rows]
-            logits = (h @ weight.mT).float()  # (rows, vocab)
-            # One pass over the block (a C kernel on CPU): the rows' losses and, for the gradients, the
-            # logits overwritten by N x d loss / d logits = softmax - onehot (the 1/N comes in backward).
-            total += cross_entropy_rows_(logits, t, grad=need_grad).sum(dtype=torch.float64)
-            if need_grad:
-                grad_logits = logits.to(weight.dtype)
-                torch.mm(grad_logits, weight, out=grad_hidden[start : start + rows])
-                if start == 0:
-                    torch.mm(grad_logits.mT, h, out=grad_weight)
-                else:
-                    grad_weight.addmm_(grad_logits.mT, h)
-        ctx.n = n
+        loss, grad_hidden, grad_weight = _blocked_cross_entropy(hidden, weight, targets, need_grad=True)
+        ctx.n = hidden.shape[0]
         ctx.save_for_backward(grad_hidden, grad_weight)
-        return (total / n).to(hidden.dtype)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -68,5 +74,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
-    """mean_i CE(hidden_i W^T, target_i). hidden: (N, d_model), weight: (vocab, d_model), targets: (N,)."""
-    return _LinearCrossEntropy.apply(hidden, weight, targets)
+    """mean_i CE(hidden_i W^T, target_i). hidden: (N, d_model), weight: (vocab, d_model), targets: (N,).
+    Without autograd (evaluation) only the loss is computed: a third of the work."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets)
+    return _blocked_cross_entropy(hidden, weight, targets, need_grad=False)[0]
