@@ -1,10 +1,11 @@
-"""Fused CPU kernels (`_kernels.c`) behind autograd: SwiGLU's activation and RMSNorm, each forward and
-backward in one pass over memory instead of PyTorch's several.
+"""Fused CPU kernels (`_kernels.c`) behind autograd: SwiGLU's activation, RMSNorm and the LM head's
+per-row cross-entropy, each in one pass over memory instead of PyTorch's several.
 
 They apply to float32 CPU tensors laid out contiguously; everything else (CUDA, bf16, strided views),
 and an install without a C compiler, takes the PyTorch expression, which the tests check them against.
 Measured on the small benchmark shape (2048 rows, 2-core EPYC), forward + backward: SwiGLU's activation
-(d_ff 1344) 7.1 -> 5.3 ms, RMSNorm (d 512) 3.4 -> 0.3 ms.
+(d_ff 1344) 7.1 -> 5.3 ms, RMSNorm (d 512) 3.4 -> 0.3 ms; the cross-entropy of a 419 x 10k block of
+logits with its gradient 3.4 -> 1.9 ms.
 """
 
 from __future__ import annotations
