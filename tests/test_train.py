@@ -167,7 +167,7 @@ from scratchlm.train.trainer import keep_freed_memory
 if sys.argv[1] == "reuse" and not keep_freed_memory():
     sys.exit(3)
 faults = []
-for _ in range(6):
+for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(16 << 20)  # 64 MB: allocated, written, freed
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -178,8 +178,10 @@ print(*faults)
 @pytest.mark.parametrize("allocator", ["default", "reuse"])
 def test_keep_freed_memory_reuses_large_blocks(allocator):
     """glibc as it comes maps a 64 MB block fresh from the OS each time (16,384 page faults); after
-    keep_freed_memory the freed block is reused. In a fresh process: a long-lived heap (this test
-    process's) can be fragmented enough that the block moves a few more times first."""
+    keep_freed_memory the freed block is reused, once the heap has grown (in the first two or three
+    allocations: glibc sometimes places the second block beside the first). In a fresh process: a
+    long-lived heap (this test process's) can be fragmented enough that the block moves a few more
+    times first."""
     run = subprocess.run([sys.executable, "-c", FAULTS_FOR_64MB_BLOCKS, allocator], capture_output=True, text=True)
     if run.returncode == 3:
         pytest.skip("needs glibc's malloc")
@@ -188,4 +190,4 @@ def test_keep_freed_memory_reuses_large_blocks(allocator):
     if allocator == "default":
         assert min(faults) > 15_000, faults
     else:
-        assert max(faults[2:]) < 1000, faults  # the first one or two grow the heap
+        assert max(faults[4:]) < 1000, faults  # the first few grow the heap
