@@ -113,6 +113,13 @@ def test_rope_matches_real_rotation_and_positions_drive_it():
     torch.testing.assert_close(rope(x, positions).norm(dim=-1), x.norm(dim=-1))  # a rotation
 
 
+def test_rope_survives_casting_the_module_to_bfloat16():
+    rope = RotaryEmbedding(16, 64).to(torch.bfloat16)
+    x, positions = torch.randn(2, 10, 16, dtype=torch.bfloat16), torch.arange(10)
+    expected = reference_rope(x.float(), positions, 10000.0).to(torch.bfloat16)
+    torch.testing.assert_close(rope(x, positions), expected, rtol=0.02, atol=0.02)
+
+
 def reference_attention(x, attn, positions, n_heads, n_kv_heads, theta):
     b, s, d = x.shape
     dh = d // n_heads

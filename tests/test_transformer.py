@@ -153,6 +153,7 @@ def test_head_blocks_hold_at_most_64_mib_of_logits_in_equal_blocks():
     assert head.block_rows(2048, 10_000) == 1024  # 1677 rows fit: two blocks
     assert head.block_rows(2048, 50_257) == 293  # 333 fit: seven blocks
     assert head.block_rows(10, 10_000) == 10
+    assert head.block_rows(0, 10_000) == 1  # an empty batch still gets a loop step
     assert head.block_rows(5000, 10**7) == head.MIN_ROWS  # a huge vocabulary still gets MIN_ROWS rows
 
 

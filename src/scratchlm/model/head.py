@@ -29,7 +29,7 @@ MIN_ROWS = 64
 def block_rows(n: int, vocab: int) -> int:
     """Rows per block for n positions: equal blocks of at most BLOCK_BYTES of logits (at least MIN_ROWS)."""
     blocks = -(-n // max(MIN_ROWS, BLOCK_BYTES // (4 * vocab)))
-    return -(-n // max(blocks, 1))
+    return max(1, -(-n // max(blocks, 1)))
 
 
 def _blocked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, need_grad: bool):

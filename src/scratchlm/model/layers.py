@@ -207,7 +207,9 @@ class RotaryEmbedding(nn.Module):
 
     Written as RoFormer does: each pair is a complex number x_even + i x_odd, multiplied by
     e^(i angle) — one complex multiply instead of four real ones (4x faster forward + backward on CPU).
-    No parameters; e^(i angle) is precomputed for max_seq_len positions.
+    No parameters; e^(i angle) is precomputed for max_seq_len positions, stored as real (cos, sin)
+    pairs so that casting the model (`model.to(torch.bfloat16)`) rounds it rather than dropping the
+    imaginary part, as it would of a complex buffer.
     """
 
     def __init__(self, d_head: int, max_seq_len: int, theta: float = 10_000.0, device=None) -> None:
@@ -216,11 +218,12 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"RoPE needs an even head dimension, got {d_head}")
         inv_freq = theta ** (-torch.arange(0, d_head, 2, device=device, dtype=torch.float32) / d_head)
         angles = torch.arange(max_seq_len, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        self.register_buffer("rotations", torch.polar(torch.ones_like(angles), angles), persistent=False)
+        rotations = torch.view_as_real(torch.polar(torch.ones_like(angles), angles))  # (max_seq_len, d_head/2, 2)
+        self.register_buffer("rotations", rotations, persistent=False)
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """x: (..., seq, d_head), positions: (..., seq) or (seq,) integer -> (..., seq, d_head)"""
-        rotations = self.rotations[positions]  # (..., seq, d_head/2) complex
+        rotations = torch.view_as_complex(self.rotations.float())[positions]  # (..., seq, d_head/2) complex
         real = x.to(torch.promote_types(x.dtype, torch.float32))  # complex needs fp32 or fp64
         pairs = torch.view_as_complex(real.reshape(*x.shape[:-1], -1, 2))
         return torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
