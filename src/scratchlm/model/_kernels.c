@@ -70,21 +70,23 @@ INLINE float exp_poly(float x) {
 
 typedef void (*RangeFn)(const void *args, int64_t begin, int64_t end, int part);
 
-/* Runs fn over [0, n) in up to `threads` contiguous parts, in OpenMP threads. PyTorch's CPU wheels ship
- * their own libgomp.so.1; imported after torch, this module shares that runtime and so the same worker
- * threads (its own POSIX threads were 2x slower: they competed with PyTorch's, which spin-wait for work
- * after each operation). `cost` is the number of elements each of the n items touches. Returns the
- * number of parts. */
+/* Runs fn over [0, n) in up to `threads` contiguous parts, in OpenMP threads, with the GIL released.
+ * PyTorch's CPU wheels ship their own libgomp.so.1; imported after torch, this module shares that
+ * runtime and so the same worker threads (its own POSIX threads were 2x slower: they competed with
+ * PyTorch's, which spin-wait for work after each operation). `cost` is the number of elements each of
+ * the n items touches. Returns the number of parts. */
 static int parallel_for(RangeFn fn, const void *args, int64_t n, int64_t cost, int threads) {
     int64_t useful = (n * cost) / MIN_ELEMENTS_PER_THREAD;
     if (threads > useful) threads = (int)(useful > 1 ? useful : 1);
     if (threads > n) threads = (int)(n > 1 ? n : 1);
+    Py_BEGIN_ALLOW_THREADS
     if (threads == 1) {
         fn(args, 0, n, 0);
-        return 1;
-    }
+    } else {
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int t = 0; t < threads; t++) fn(args, n * t / threads, n * (t + 1) / threads, t);
+        for (int t = 0; t < threads; t++) fn(args, n * t / threads, n * (t + 1) / threads, t);
+    }
+    Py_END_ALLOW_THREADS
     return threads;
 }
 
@@ -129,8 +131,8 @@ static void swiglu_backward_range(const void *p, int64_t begin, int64_t end, int
 /* ---- RMSNorm: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps), per row of d ---- */
 
 typedef struct {
-    const float *x, *w, *rstd_in, *grad_y;
-    float *y, *rstd, *grad_x, *grad_w_parts;
+    const float *x, *w, *grad_y;
+    float *y, *rstd, *grad_x, *grad_w_parts; /* rstd: written by the forward, read by the backward */
     int64_t d;
     float eps;
 } RMSNormArgs;
@@ -172,7 +174,7 @@ VECTORIZED static void rmsnorm_backward_range(const void *p, int64_t begin, int6
     for (int64_t row = begin; row < end; row++) {
         const float *restrict x = s->x + row * d, *restrict gy = s->grad_y + row * d;
         float *restrict gx = s->grad_x + row * d;
-        float r = s->rstd_in[row];
+        float r = s->rstd[row];
         float lanes[LANES] = {0};
         int64_t j = 0;
         for (; j + LANES <= d; j += LANES)
@@ -267,9 +269,7 @@ static PyObject *swiglu_forward(PyObject *self, PyObject *args) {
     int threads;
     if (!PyArg_ParseTuple(args, "KKKLi", &g, &u, &a, &n, &threads)) return NULL;
     SwiGLUArgs s = {.g = PTR(const float, g), .u = PTR(const float, u), .a = PTR(float, a)};
-    Py_BEGIN_ALLOW_THREADS
     parallel_for(swiglu_forward_range, &s, n, 1, threads);
-    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
@@ -281,9 +281,7 @@ static PyObject *swiglu_backward(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KKKKKLi", &g, &u, &grad_a, &grad_g, &grad_u, &n, &threads)) return NULL;
     SwiGLUArgs s = {.g = PTR(const float, g), .u = PTR(const float, u), .grad_a = PTR(const float, grad_a),
                     .grad_g = PTR(float, grad_g), .grad_u = PTR(float, grad_u)};
-    Py_BEGIN_ALLOW_THREADS
     parallel_for(swiglu_backward_range, &s, n, 1, threads);
-    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
@@ -296,9 +294,7 @@ static PyObject *rmsnorm_forward(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KKKKLLdi", &x, &w, &y, &rstd, &rows, &d, &eps, &threads)) return NULL;
     RMSNormArgs s = {.x = PTR(const float, x), .w = PTR(const float, w), .y = PTR(float, y),
                      .rstd = PTR(float, rstd), .d = d, .eps = (float)eps};
-    Py_BEGIN_ALLOW_THREADS
     parallel_for(rmsnorm_forward_range, &s, rows, d, threads);
-    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
@@ -306,17 +302,14 @@ static PyObject *rmsnorm_backward(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long x, w, rstd, grad_y, grad_x, grad_w_parts;
     long long rows, d;
-    int threads, parts;
+    int threads;
     if (!PyArg_ParseTuple(args, "KKKKKKLLi", &x, &w, &rstd, &grad_y, &grad_x, &grad_w_parts, &rows, &d, &threads))
         return NULL;
     RMSNormArgs s = {.x = PTR(const float, x),         .w = PTR(const float, w),
-                     .rstd_in = PTR(const float, rstd), .grad_y = PTR(const float, grad_y),
+                     .rstd = PTR(float, rstd),          .grad_y = PTR(const float, grad_y),
                      .grad_x = PTR(float, grad_x),      .grad_w_parts = PTR(float, grad_w_parts),
                      .d = d};
-    Py_BEGIN_ALLOW_THREADS
-    parts = parallel_for(rmsnorm_backward_range, &s, rows, d, threads);
-    Py_END_ALLOW_THREADS
-    return PyLong_FromLong(parts);
+    return PyLong_FromLong(parallel_for(rmsnorm_backward_range, &s, rows, d, threads));
 }
 
 static PyObject *cross_entropy(PyObject *self, PyObject *args) {
@@ -326,9 +319,7 @@ static PyObject *cross_entropy(PyObject *self, PyObject *args) {
     int grad, threads;
     if (!PyArg_ParseTuple(args, "KKKLLpi", &logits, &targets, &losses, &rows, &vocab, &grad, &threads)) return NULL;
     CrossEntropyArgs s = {PTR(float, logits), PTR(const int64_t, targets), PTR(float, losses), vocab, grad};
-    Py_BEGIN_ALLOW_THREADS
     parallel_for(cross_entropy_range, &s, rows, vocab, threads);
-    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
