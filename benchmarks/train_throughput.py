@@ -3,6 +3,7 @@
 
     python benchmarks/train_throughput.py [--steps 20] [--repeats 3] [--shapes tiny small] [--compile]
                                           [--allocator default|reuse|both]
+    python benchmarks/train_throughput.py --device cuda [--dtype bfloat16|float32] [--shapes gpu gpt2] [--compile]
 
 --compile runs scratchlm's loss through `torch.compile` (the trainer's `compile = "yes"`); the peer stays
 eager, as `transformers` users run it. Compilation happens in the warm-up, outside the timed rounds.
@@ -19,11 +20,17 @@ peak measured here: the best fp32 FLOP/s of a 2048 x 2048 matmul at the same thr
 1-second measurements before every round (on a shared VM a single measurement at a busy moment reads
 low and makes every MFU read high).
 Targets (issue 3): tiny >= 1.2x the peer and MFU >= 55%; small >= 1.05x and MFU >= 80%.
+
+On CUDA both models run under bf16 autocast (`--dtype bfloat16`, what `scratchlm train` does there) or in
+float32, the clock is read after synchronizing, and MFU is against the GPU's datasheet peak for that
+dtype (`scratchlm.accounting.PEAK_FLOPS`: dense bf16, or fp32 without TF32). The allocator phases are
+CPU-only. The `gpu` shape is the speedrun's gpu preset, `gpt2` a GPT-2-small-sized model.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -38,15 +45,17 @@ from common import machine, table
 SHAPES = {
     "tiny": dict(d_model=128, n_layers=4, n_heads=4, d_ff=384, context_length=128, vocab_size=10_000, batch=16),
     "small": dict(d_model=512, n_layers=4, n_heads=16, d_ff=1344, context_length=256, vocab_size=10_000, batch=8),
+    "gpu": dict(d_model=512, n_layers=8, n_heads=8, d_ff=1344, context_length=512, vocab_size=10_000, batch=64),
+    "gpt2": dict(d_model=768, n_layers=12, n_heads=12, d_ff=2048, context_length=1024, vocab_size=50_304, batch=16),
 }
 
 
-def ours(shape: dict, compile: bool = False):
+def ours(shape: dict, compile: bool, device: torch.device):
     from scratchlm.model import ModelConfig, TransformerLM
     from scratchlm.optim import AdamW
 
     config = ModelConfig(**{k: v for k, v in shape.items() if k != "batch"})
-    model = TransformerLM(config)
+    model = TransformerLM(config).to(device)
     opt = AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     loss_fn = torch.compile(model.loss) if compile else model.loss
 
@@ -59,7 +68,7 @@ def ours(shape: dict, compile: bool = False):
     return model, step
 
 
-def peer(shape: dict):
+def peer(shape: dict, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -69,7 +78,7 @@ def peer(shape: dict):
         rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
         attn_implementation="sdpa",
     )  # fmt: skip
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
 
     def step(x, y):
@@ -82,10 +91,15 @@ def peer(shape: dict):
     return model, step
 
 
-def tokens_per_second(step, x, y, steps: int) -> float:
+def tokens_per_second(step, x, y, steps: int, dtype: str) -> float:
+    autocast = x.is_cuda and dtype == "bfloat16"
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
     start = time.perf_counter()
-    for _ in range(steps):
-        step(x, y)
+    with torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+        for _ in range(steps):
+            step(x, y)
+    sync()
     return x.numel() * steps / (time.perf_counter() - start)
 
 
@@ -95,11 +109,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--compile", action="store_true", help="torch.compile scratchlm's loss")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="CUDA: autocast or not")
     parser.add_argument(
         "--allocator", choices=["default", "reuse", "both"], default="both",
         help="glibc as it comes, freed memory kept for reuse (what `scratchlm train` sets), or both in turn",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.device == "cuda":
+        return main_cuda(args)
 
     from scratchlm.accounting import measure_cpu_matmul_peak
     from scratchlm.train.trainer import keep_freed_memory
@@ -111,34 +129,50 @@ def main() -> None:
             keep_freed_memory()
         for name in args.shapes:
             label = name + (" (compiled)" if args.compile else "")
-            measured.append((label, allocator, *measure(SHAPES[name], args, peaks)))
+            measured.append((label, allocator, *measure(SHAPES[name], args, torch.device("cpu"), peaks)))
             print(table(HEADERS, [row(*measured[-1], max(peaks))]).splitlines()[-1], flush=True)  # MFU so far
     print(f"\nmachine: {machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"fp32 matmul peak (2048^2, best of {len(peaks)} measurements): {max(peaks) / 1e9:.1f} GFLOP/s\n")
     print(table(HEADERS, [row(*m, max(peaks)) for m in measured]))
 
 
-def measure(shape: dict, args, peaks: list[float]) -> tuple:
-    """(config, parameters, scratchlm tok/s, peer tok/s): medians over alternating rounds. Appends a
-    peak measurement before every round to `peaks`."""
+def main_cuda(args) -> None:
+    from scratchlm.accounting import device_peak_flops
+
+    device = torch.device("cuda")
+    peak = device_peak_flops(device, "bf16" if args.dtype == "bfloat16" else "fp32")
+    measured = []
+    for name in args.shapes:
+        label = name + (" (compiled)" if args.compile else "")
+        measured.append((label, args.dtype, *measure(SHAPES[name], args, device)))
+        print(table(HEADERS, [row(*measured[-1], peak)]).splitlines()[-1], flush=True)
+    print(f"\ndevice: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, {args.dtype}")
+    print(f"peak (datasheet, dense {args.dtype}): {peak / 1e12:.0f} TFLOP/s\n")
+    print(table(HEADERS, [row(*m, peak) for m in measured]).replace("| allocator |", "| dtype     |"))
+
+
+def measure(shape: dict, args, device: torch.device, peaks: list[float] | None = None) -> tuple:
+    """(config, parameters, scratchlm tok/s, peer tok/s): medians over alternating rounds. On CPU,
+    appends a peak measurement before every round to `peaks`."""
     from scratchlm.accounting import measure_cpu_matmul_peak
     from scratchlm.model import ModelConfig
 
     config = ModelConfig(**{k: v for k, v in shape.items() if k != "batch"})
     torch.manual_seed(0)
-    x = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["context_length"]))
-    y = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["context_length"]))
-    runs = {"scratchlm": ours(shape, args.compile), "transformers": peer(shape)}
+    x = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["context_length"]), device=device)
+    y = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["context_length"]), device=device)
+    runs = {"scratchlm": ours(shape, args.compile, device), "transformers": peer(shape, device)}
     our_params = sum(p.numel() for p in runs["scratchlm"][0].parameters())
     peer_params = sum(p.numel() for p in runs["transformers"][0].parameters())
     assert our_params == peer_params, f"shapes differ: {our_params} vs {peer_params} parameters"
     for _, step in runs.values():
-        tokens_per_second(step, x, y, 3)  # warm-up
+        tokens_per_second(step, x, y, 3, args.dtype)  # warm-up (and compilation)
     results = {k: [] for k in runs}
     for _ in range(args.repeats):
-        peaks.append(measure_cpu_matmul_peak(seconds=1.0))
+        if peaks is not None:
+            peaks.append(measure_cpu_matmul_peak(seconds=1.0))
         for key, (_, step) in runs.items():
-            results[key].append(tokens_per_second(step, x, y, args.steps))
+            results[key].append(tokens_per_second(step, x, y, args.steps, args.dtype))
     return config, our_params, *(statistics.median(results[k]) for k in runs)
 
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import json
 import random
 from pathlib import Path
 
 import pytest
+
+from scratchlm.data.prepare import prepare
+from scratchlm.train.config import TrainConfig, load_config
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ADVERSARIAL = [
@@ -82,3 +86,27 @@ def private_cache(tmp_path_factory):
     import os
 
     os.environ["SCRATCHLM_CACHE"] = str(tmp_path_factory.mktemp("scratchlm-cache"))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Six synthetic works, split by document and encoded with a 300-token BPE (for trainer tests)."""
+    root = tmp_path_factory.mktemp("train")
+    docs = root / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"work{i}.txt").write_text(synthetic_text(4000, seed=i), encoding="utf-8")
+    prepare(sorted(docs.glob("*.txt")), root / "data", vocab_size=300, val_fraction=0.2, workers=1)
+    return root / "data"
+
+
+def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
+    """A TrainConfig for a 2-layer, 32-wide model on `data_dir` (the fixture), writing to out_dir."""
+    sets = [f"data.train_tokens={json.dumps(str(data_dir / 'train.bin'))}",
+            f"data.val_tokens={json.dumps(str(data_dir / 'val.bin'))}",
+            f"data.tokenizer={json.dumps(str(data_dir / 'tokenizer'))}", f"out_dir={json.dumps(str(out_dir))}",
+            "model.vocab_size=300", "model.context_length=32", "model.d_model=32", "model.n_layers=2",
+            "model.n_heads=4", "batch_size=4", "max_steps=20", "eval_every=10", "eval_tokens=512",
+            "log_every=5", "checkpoint_every=10", "optim.warmup_steps=3", "threads=1"]  # fmt: skip
+    sets += [f"{k}={v}" for k, v in overrides.items()]
+    return load_config(None, sets)

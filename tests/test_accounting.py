@@ -93,6 +93,14 @@ def test_activation_memory_prediction_within_15_percent(config):
     assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
 
 
+def test_dropout_adds_a_byte_per_masked_element():
+    plain = ModelConfig(vocab_size=1000, context_length=128, d_model=128, n_layers=4, n_heads=4)
+    dropped = ModelConfig(**{**vars(plain), "dropout": 0.1})
+    estimate = accounting.memory_estimate
+    extra = estimate(dropped, 4, 128).activations - estimate(plain, 4, 128).activations
+    assert extra == (2 * 4 + 1) * 4 * 128 * 128  # embeddings + 2 branches x 4 layers, 4 x 128 tokens x 128 wide
+
+
 def test_memory_by_kind_and_largest_batch():
     config = accounting.PRESETS["gpt2-small"]
     n = accounting.parameter_counts(config)["total"]

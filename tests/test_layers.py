@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from scratchlm.model.layers import (
     CausalSelfAttention,
+    Dropout,
     Embedding,
     Linear,
     RMSNorm,
@@ -148,6 +149,35 @@ def test_fused_and_plain_attention_agree_on_a_suffix_of_queries():
     attn.fused = True
     torch.testing.assert_close(attn.attend(q, k, v), plain)
     assert causal_mask(2, 4).tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+@pytest.mark.parametrize("fused", [False, True])  # written out, and F.dropout
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_zeroes_a_fraction_p_and_scales_the_rest(fused, p):
+    drop = Dropout(p, fused=fused)
+    x = torch.rand(1000, 1000) + 1  # no zeros of its own
+    out = drop(x)
+    zeroed = out == 0
+    assert abs(zeroed.float().mean().item() - p) < 0.005  # 1e6 draws: the standard error is <= 0.0005
+    torch.testing.assert_close(out[~zeroed], x[~zeroed] / (1 - p))
+    assert not torch.equal(drop(x), out)  # a fresh mask each call
+    drop.eval()
+    assert drop(x) is x and Dropout(0.0, fused)(x) is x
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_attention_dropout_keeps_the_expected_output(fused):
+    """Averaged over many masks, dropout on the attention weights gives the output without it (the
+    weights are scaled by 1 / (1 - p)); in evaluation mode it is off."""
+    attn = CausalSelfAttention(8, 2, rope=RotaryEmbedding(4, 8), fused=fused, dropout=0.3)
+    q, k, v = torch.randn(3, 1, 2, 6, 4).unbind(0)
+    attn.eval()
+    exact = attn.attend(q, k, v)
+    attn.train()
+    draws = torch.stack([attn.attend(q, k, v) for _ in range(4000)])
+    assert not torch.allclose(draws[0], exact)
+    standard_error = draws.std(0) / math.sqrt(len(draws))
+    assert ((draws.mean(0) - exact).abs() <= 5 * standard_error + 1e-6).all()
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import sys
 
 from conftest import synthetic_text
 
-from scratchlm.speedrun import PRESETS
+from scratchlm.speedrun import PRESETS, predict, steps_for_epochs
 from scratchlm.train.config import load_config
 
 
@@ -19,6 +19,19 @@ def test_cpu_preset_is_the_shakespeare_cpu_config():
     config = load_config(Path(__file__).parents[1] / "configs" / "shakespeare-cpu.toml")
     preset = load_config(None, PRESETS["cpu"]["sets"])
     assert config.model == preset.model and config.optim == preset.optim and config.batch_size == preset.batch_size
+
+
+def test_gpu_preset_caps_the_passes_over_the_data():
+    import torch
+
+    config = load_config(None, PRESETS["gpu"]["sets"])
+    assert config.model.dropout > 0 and PRESETS["gpu"]["max_epochs"] == 16
+    # 16 passes over Shakespeare's 1,396,175 training tokens at 64 x 512 tokens a step: 681.7 -> 682 steps.
+    config.max_steps = steps_for_epochs(16, 1_396_175, config)
+    assert config.max_steps == 682
+    # The tokens to train on: the budget's worth at the predicted speed, or the cap's if fewer.
+    assert predict(config, torch.device("cpu"), 1e6, 10.0)["tokens"] == 682 * 64 * 512
+    assert predict(config, torch.device("cpu"), 1e-9, 10.0)["tokens"] < 682 * 64 * 512
 
 
 def test_speedrun_end_to_end_with_resume(tmp_path):

@@ -81,6 +81,7 @@ def test_state_dict_names_and_counts():
         dict(ffn="silu"),
         dict(n_kv_heads=1),
         dict(tie_embeddings=True),
+        dict(dropout=0.1),
     ],
 )
 def test_variants_run_and_learn(options):
@@ -96,6 +97,25 @@ def test_variants_run_and_learn(options):
         loss.backward()
         opt.step()
     assert loss.item() < first * 0.5  # memorises a fixed batch
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dropout_is_on_in_training_only(fused):
+    config = ModelConfig(vocab_size=31, context_length=12, d_model=32, n_layers=2, n_heads=4, fused_kernels=fused)
+    torch.manual_seed(0)
+    plain = TransformerLM(config)
+    dropped = TransformerLM(ModelConfig(**{**config.__dict__, "dropout": 0.2}))
+    dropped.load_state_dict(plain.state_dict())  # dropout has no parameters: the same names
+    x, y = torch.randint(0, 31, (2, 4, 12))
+    dropped.eval()
+    torch.testing.assert_close(dropped(x), plain(x))
+    dropped.train()
+    torch.manual_seed(1)
+    first = dropped.loss(x, y)
+    assert first.item() != pytest.approx(plain.loss(x, y).item(), rel=1e-4)
+    assert dropped.loss(x, y).item() != first.item()  # a new mask
+    torch.manual_seed(1)
+    assert dropped.loss(x, y).item() == first.item()  # the masks come from torch's RNG
 
 
 def test_too_long_input_is_a_clear_error():

@@ -127,12 +127,20 @@ def activation_elements(config: ModelConfig, batch: int, seq: int) -> dict[str, 
     }
 
 
+def dropout_mask_bytes(config: ModelConfig, batch: int, seq: int) -> int:
+    """With dropout, one byte per element kept for backward where it applies outside attention: the
+    embeddings and each layer's two residual branches. Attention-weight dropout keeps no mask in the
+    flash kernels (CUDA: they regenerate it from the RNG seed); PyTorch's CPU attention with dropout
+    falls back to its math path, which keeps (heads x seq x seq) weights per layer, not counted here."""
+    return (2 * config.n_layers + 1) * batch * seq * config.d_model if config.dropout else 0
+
+
 def memory_estimate(config: ModelConfig, batch: int, seq: int, precision: str = "fp32") -> MemoryEstimate:
     """Bytes for training with AdamW. precision "fp32", or "bf16-mixed": fp32 master weights,
     gradients and AdamW state, bf16 activations (autocast)."""
     n = parameter_counts(config)["total"]
     act_elements = sum(activation_elements(config, batch, seq).values())
-    act_bytes = act_elements * (4 if precision == "fp32" else 2)
+    act_bytes = act_elements * (4 if precision == "fp32" else 2) + dropout_mask_bytes(config, batch, seq)
     return MemoryEstimate(parameters=4 * n, gradients=4 * n, optimizer=8 * n, activations=act_bytes)
 
 

@@ -1,10 +1,10 @@
 """The building blocks of the Transformer, written out: Linear, Embedding, RMSNorm, SwiGLU, RoPE,
-softmax, scaled dot-product attention and causal multi-head self-attention.
+softmax, dropout, scaled dot-product attention and causal multi-head self-attention.
 
 PyTorch supplies tensors, autograd and the `nn.Module` / `nn.Parameter` containers. With `fused=True`
 a module uses a fused kernel for the same math where one exists: our own C kernels on CPU
 (`scratchlm.model.kernels`: RMSNorm, SwiGLU's activation), else PyTorch's (`F.scaled_dot_product_attention`,
-`F.rms_norm`, `F.silu`); tests check every path against the written-out one.
+`F.rms_norm`, `F.silu`, `F.dropout`); tests check every path against the written-out one.
 """
 
 from __future__ import annotations
@@ -236,16 +236,47 @@ def softmax(x: Tensor, dim: int = -1) -> Tensor:
     return exp / exp.sum(dim=dim, keepdim=True)
 
 
-def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """While training, zero each element with probability p and scale the rest by 1 / (1 - p), so the
+    expected value is unchanged and evaluation needs no rescaling ("inverted" dropout). x: any shape."""
+    if not training or p == 0:
+        return x
+    if p >= 1:
+        return torch.zeros_like(x)
+    return x * (torch.rand_like(x, dtype=torch.float32) >= p) / (1 - p)
+
+
+class Dropout(nn.Module):
+    """`dropout` as a module: on in training mode, the identity in evaluation mode.
+    fused: PyTorch's one-kernel F.dropout (the same rule, a mask of bytes instead of a float draw)."""
+
+    def __init__(self, p: float = 0.0, fused: bool = False) -> None:
+        super().__init__()
+        if not 0 <= p <= 1:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p, self.fused = p, fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fused and self.training and self.p:
+            return F.dropout(x, self.p, training=True)
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def scaled_dot_product_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0
+) -> Tensor:
     """softmax(q k^T / sqrt(d_k)) v, over any leading batch dimensions.
 
     q: (..., n_q, d_k), k: (..., n_k, d_k), v: (..., n_k, d_v), mask: (n_q, n_k) or broadcastable,
-    True = attend. Returns (..., n_q, d_v).
+    True = attend. dropout_p: dropout on the attention weights. Returns (..., n_q, d_v).
     """
     scores = q @ k.mT / math.sqrt(q.shape[-1])
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return softmax(scores, dim=-1) @ v
+    return dropout(softmax(scores, dim=-1), dropout_p) @ v
 
 
 @dataclass
@@ -287,6 +318,7 @@ class CausalSelfAttention(nn.Module):
         n_kv_heads: int | None = None,
         rope: RotaryEmbedding | None = None,
         fused: bool = False,
+        dropout: float = 0.0,
         device=None,
         dtype=None,
     ) -> None:
@@ -301,6 +333,7 @@ class CausalSelfAttention(nn.Module):
         self.output_proj = Linear(d_model, d_model, device, dtype)
         self.rope = rope
         self.fused = fused
+        self.dropout = dropout  # on the attention weights, while training
         self._decode: DecodeWeight | None = None
 
     def forward(
@@ -338,20 +371,21 @@ class CausalSelfAttention(nn.Module):
         q: (b, h, n_q, d), k/v: (b, h_kv, n_k, d), key_mask: (b, n_k) or None -> (b, h, n_q, d)"""
         n_q, n_k = q.shape[-2], k.shape[-2]
         grouped = self.n_kv_heads != self.n_heads
+        p = self.dropout if self.training else 0.0
         if self.fused and n_q == 1 and key_mask is None:  # a decoding step: the one query sees every key
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=grouped)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=grouped)
+        if self.fused and n_q == n_k and key_mask is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=grouped)
         mask = causal_mask(n_q, n_k, q.device)
         if key_mask is not None:
             # Padding is never attended to, except by itself (so a padding query's row is not empty).
             mask = (mask & key_mask[:, None, None, :]) | (mask & ~_strictly_before(n_q, n_k, q.device))
         if self.fused:
-            if n_q == n_k and key_mask is None:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=grouped)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=grouped)
         if grouped:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        return scaled_dot_product_attention(q, k, v, mask)
+        return scaled_dot_product_attention(q, k, v, mask, p)
 
 
 def _strictly_before(n_q: int, n_k: int, device=None) -> Tensor:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from scratchlm.model.head import lm_head_cross_entropy
 from scratchlm.model.layers import (
     CausalSelfAttention,
+    Dropout,
     Embedding,
     KVCache,
     Linear,
@@ -43,12 +44,15 @@ class ModelConfig:
     position_embedding: Literal["rope", "none"] = "rope"
     ffn: Literal["swiglu", "silu"] = "swiglu"
     fused_kernels: bool = True  # F.scaled_dot_product_attention and F.rms_norm where they exist
+    dropout: float = 0.0  # while training: on the embeddings, each residual branch and the attention weights
 
     def __post_init__(self) -> None:
         if self.d_ff is None:
             self.d_ff = default_d_ff(self.d_model)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be at least 0 and below 1, got {self.dropout}")
 
     @property
     def d_head(self) -> int:
@@ -64,21 +68,22 @@ class TransformerBlock(nn.Module):
         self.pre_norm = config.norm_position == "pre"
         self.ln1 = RMSNorm(config.d_model, fused=fused, device=device, dtype=dtype)
         self.attn = CausalSelfAttention(
-            config.d_model, config.n_heads, config.n_kv_heads, rope, fused=fused, device=device, dtype=dtype
+            config.d_model, config.n_heads, config.n_kv_heads, rope, fused, config.dropout, device, dtype
         )
         self.ln2 = RMSNorm(config.d_model, fused=fused, device=device, dtype=dtype)
         ffn_class = SwiGLU if config.ffn == "swiglu" else SiLUFFN
         self.ffn = ffn_class(config.d_model, config.d_ff, fused, device, dtype)
+        self.dropout = Dropout(config.dropout, fused)  # on each branch's output, before it joins the residual
 
     def forward(
         self, x: Tensor, positions: Tensor | None = None, cache: KVCache | None = None, key_mask: Tensor | None = None
     ) -> Tensor:
         """x: (batch, seq, d_model) -> (batch, seq, d_model)"""
         if self.pre_norm:
-            x = x + self.attn(self.ln1(x), positions, cache, key_mask)
-            return x + self.ffn(self.ln2(x))
-        x = self.ln1(x + self.attn(x, positions, cache, key_mask))
-        return self.ln2(x + self.ffn(x))
+            x = x + self.dropout(self.attn(self.ln1(x), positions, cache, key_mask))
+            return x + self.dropout(self.ffn(self.ln2(x)))
+        x = self.ln1(x + self.dropout(self.attn(x, positions, cache, key_mask)))
+        return self.ln2(x + self.dropout(self.ffn(x)))
 
 
 class TransformerLM(nn.Module):
@@ -86,6 +91,7 @@ class TransformerLM(nn.Module):
         super().__init__()
         self.config = config
         self.token_embeddings = Embedding(config.vocab_size, config.d_model, device, dtype)
+        self.embedding_dropout = Dropout(config.dropout, config.fused_kernels)
         rope = None
         if config.position_embedding == "rope":
             rope = RotaryEmbedding(config.d_head, config.context_length, config.rope_theta, device)
@@ -114,7 +120,7 @@ class TransformerLM(nn.Module):
             raise ValueError(f"sequence of {length} tokens exceeds the context length {limit}")
         if positions is None and past:
             positions = torch.arange(past, past + token_ids.shape[-1], device=token_ids.device)
-        x = self.token_embeddings(token_ids)
+        x = self.embedding_dropout(self.token_embeddings(token_ids))
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, caches[i] if caches else None, key_mask)
         return self.ln_final(x)

@@ -35,6 +35,9 @@ from scratchlm.train.config import TrainConfig, to_toml
 from scratchlm.train.metrics import MetricsLog, format_eta, plot_losses, read_metrics
 
 BUDGET_PROBE_STEPS = 10  # steps timed before a wall-clock budget is turned into a step count
+# Steps left out of that timing: the first compiles (torch.compile, 20-60 s on a GPU), loads kernels and
+# warms the allocator. Timed from the start, a 2-minute GPU run was fitted to 51 steps instead of ~3,500.
+WARMUP_STEPS = 2
 
 
 def steps_for_budget(budget_s: float, elapsed_s: float, step: int, seconds_per_step: float, max_steps: int) -> int:
@@ -198,6 +201,8 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         step, elapsed_before = state["step"], state["elapsed_s"]
         # A budgeted run keeps the step count it fitted; otherwise max_steps may extend a finished run.
         total_steps = state["total_steps"] if config.max_minutes else config.max_steps
@@ -228,6 +233,7 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
             "optimizer": optimizer.state_dict(),
             "sampler": sampler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,  # dropout's masks
             "step": step,
             "total_steps": total_steps,
             "elapsed_s": elapsed_before + (time.perf_counter() - start),
@@ -239,38 +245,56 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
     start = time.perf_counter()
     window_start, window_tokens = start, 0
     fitted_at = (start, step)  # (time, step) of the last fit of total_steps to the budget
+    probe_step = WARMUP_STEPS + BUDGET_PROBE_STEPS  # a fresh run's first fit
+    finite = torch.ones((), dtype=torch.bool, device=device)  # every loss since `checked_step` was finite
+    checked_step = step
     model.train()
     with _StopFlag() as stop:
         while step < total_steps:
             lr = cosine_lr(step, config.optim.lr, config.optim.min_lr, config.optim.warmup_steps, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)
             for _ in range(config.grad_accum_steps):
                 x, y = sampler.next()
                 with autocast(config, device):
                     loss = loss_fn(x, y) / config.grad_accum_steps
                 loss.backward()
-                loss_sum += loss.item()
-            if not math.isfinite(loss_sum):
-                last = latest_checkpoint(run_dir)
-                raise ScratchLMError(
-                    f"the training loss became {loss_sum} at step {step}: stopped without saving; "
-                    f"the last good checkpoint is {last or 'none (no checkpoint yet)'}. Try a lower optim.lr."
-                )
+                loss_sum += loss.detach()
+            finite &= loss_sum.isfinite()
             grad_norm = clip_grad_norm(model.parameters(), config.optim.grad_clip) if config.optim.grad_clip else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             window_tokens += tokens_per_step
+
+            stopping = stop.signal is not None
+            probe = checkpoint is None and step == probe_step
+            refit = step % config.eval_every == 0 and (checkpoint is not None or step > probe_step)
+            log_due = step % config.log_every == 0 or step == total_steps
+            eval_due = step % config.eval_every == 0 or step == total_steps
+            save_due = step % config.checkpoint_every == 0 or step == total_steps or stopping
+            if not (log_due or eval_due or save_due or probe or refit or step == first_step + WARMUP_STEPS):
+                continue  # nothing to read: a GPU may run these steps while Python queues the next ones
+            # The loop waits for the device only here, so the losses are checked here: before anything is
+            # logged or saved, so a non-finite loss never reaches a checkpoint.
+            loss_value = loss_sum.item()
+            if not finite.item():
+                last = latest_checkpoint(run_dir)
+                raise ScratchLMError(
+                    f"the training loss was not finite in steps {checked_step + 1}-{step} (now {loss_value}): "
+                    f"stopped without saving; the last good checkpoint is {last or 'none (no checkpoint yet)'}. "
+                    "Try a lower optim.lr."
+                )
+            checked_step = step
             now = time.perf_counter()
             elapsed = elapsed_before + (now - start)
 
-            probe = checkpoint is None and step == BUDGET_PROBE_STEPS
-            refit = step % config.eval_every == 0 and (checkpoint is not None or step > BUDGET_PROBE_STEPS)
-            if budget_s and step < total_steps and (probe or refit):
+            if step == first_step + WARMUP_STEPS:
+                fitted_at = (now, step)  # the pace is timed from here, after the warm-up steps
+            if budget_s and step < total_steps and (probe or refit) and step > fitted_at[1]:
                 # Fit the schedule to the wall-clock budget from the pace since the last fit (evaluations
-                # and checkpoints included): first after a few steps, then at every evaluation, so a run
+                # and checkpoints included): first after a few warm steps, then at every evaluation, so a run
                 # still ends on budget when the machine slows down or speeds up. The cosine schedule
                 # follows the new length from here on.
                 per_step = (now - fitted_at[0]) / (step - fitted_at[1])
@@ -280,23 +304,23 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
                         f"-> {fitted} steps")  # fmt: skip
                 total_steps, fitted_at = fitted, (now, step)
 
-            if step % config.log_every == 0 or step == total_steps:
+            if log_due:
                 tokens_per_s = window_tokens / (now - window_start)
                 mfu = tokens_per_s * flops_per_token / peak
-                record = {"step": step, "time_s": round(elapsed, 3), "train/loss": loss_sum, "lr": lr,
+                record = {"step": step, "time_s": round(elapsed, 3), "train/loss": loss_value, "lr": lr,
                           "perf/tokens_per_s": tokens_per_s, "perf/mfu": mfu}  # fmt: skip
                 if grad_norm is not None:
                     record["train/grad_norm"] = float(grad_norm)
                 log.write(record)
                 eta = (total_steps - step) * (now - start) / (step - first_step)
                 say(
-                    f"step {step:>6}/{total_steps}  loss {loss_sum:.4f}  lr {lr:.2e}  "
+                    f"step {step:>6}/{total_steps}  loss {loss_value:.4f}  lr {lr:.2e}  "
                     f"{tokens_per_s:,.0f} tok/s  MFU {mfu:.1%}  ETA {format_eta(eta)}",
                     flush=True,
                 )
                 window_start, window_tokens = time.perf_counter(), 0
 
-            if step % config.eval_every == 0 or step == total_steps:
+            if eval_due:
                 result = evaluate(model, val_tokens, byte_lengths, config, device)
                 record = {"step": step, "time_s": round(elapsed, 3), "val/loss": result.loss,
                           "val/perplexity": result.perplexity, "val/bpb": result.bits_per_byte}  # fmt: skip
@@ -306,8 +330,7 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
                     f"bits/byte {result.bits_per_byte:.4f}  ({result.tokens:,} tokens)")  # fmt: skip
                 window_start = time.perf_counter()
 
-            stopping = stop.signal is not None
-            if step % config.checkpoint_every == 0 or step == total_steps or stopping:
+            if save_due:
                 path = save_checkpoint(run_dir, step, state_dict())
                 if stopping:
                     say(f"saved {path}; resume with the same command")
