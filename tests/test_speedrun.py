@@ -9,7 +9,7 @@ import sys
 
 from conftest import synthetic_text
 
-from scratchlm.speedrun import PRESETS, predict, steps_for_epochs
+from scratchlm.speedrun import PRESETS, predict, steps_for_epochs, training_precision
 from scratchlm.train.config import load_config
 
 
@@ -32,6 +32,9 @@ def test_gpu_preset_caps_the_passes_over_the_data():
     # The tokens to train on: the budget's worth at the predicted speed, or the cap's if fewer.
     assert predict(config, torch.device("cpu"), 1e6, 10.0)["tokens"] == 682 * 64 * 512
     assert predict(config, torch.device("cpu"), 1e-9, 10.0)["tokens"] < 682 * 64 * 512
+    # Its memory is accounted as it trains: bf16 autocast on CUDA, float32 elsewhere.
+    assert training_precision(load_config(None, [*PRESETS["gpu"]["sets"], 'device="cuda"'])) == "bf16-mixed"
+    assert training_precision(load_config(None, [*PRESETS["gpu"]["sets"], 'device="cpu"'])) == "fp32"
 
 
 def test_speedrun_end_to_end_with_resume(tmp_path):

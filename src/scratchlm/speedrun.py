@@ -48,7 +48,7 @@ PRESETS: dict[str, dict] = {
             "model.n_layers=4",
             "model.n_heads=4",
             "batch_size=16",
-            "optim.lr=3e-3",
+            "optim.lr=6e-3",
             "optim.min_lr=3e-4",
             "optim.warmup_steps=100",
             "eval_every=250",
@@ -233,18 +233,24 @@ def predict(config: TrainConfig, device: torch.device, mfu: float, minutes: floa
             "tokens": min(tokens_per_s * minutes * 60, step_limit)}  # fmt: skip
 
 
+def training_precision(config: TrainConfig) -> str:
+    """How `scratchlm train` runs this config, in the accounting's terms: bf16 autocast on CUDA, else fp32."""
+    return "bf16-mixed" if config.device.startswith("cuda") and config.dtype == "bfloat16" else "fp32"
+
+
 def accounting_summary(config: TrainConfig, prediction: dict) -> str:
     m = config.model
     params = accounting.parameter_counts(m)
-    mem = accounting.memory_estimate(m, config.batch_size, m.context_length)
+    mem = accounting.memory_estimate(m, config.batch_size, m.context_length, training_precision(config))
     mib = 2**20
     parts = ", ".join(f"{k} {v:,}" for k, v in params.items() if k != "total")
     return "\n".join(
         [
             f"parameters: {params['total']:,} ({parts})",
             f"training FLOPs per token: {prediction['flops_per_token'] / 1e6:.1f} M",
-            f"memory (fp32): parameters {mem.parameters / mib:.1f} MiB, gradients {mem.gradients / mib:.1f} MiB, "
-            f"AdamW {mem.optimizer / mib:.1f} MiB, activations {mem.activations / mib:.1f} MiB",
+            f"memory ({training_precision(config)}): parameters {mem.parameters / mib:.1f} MiB, "
+            f"gradients {mem.gradients / mib:.1f} MiB, AdamW {mem.optimizer / mib:.1f} MiB, "
+            f"activations {mem.activations / mib:.1f} MiB",
             f"predicted at {prediction['mfu']:.0%} MFU of {prediction['peak_flops'] / 1e9:,.0f} GFLOP/s: "
             f"{prediction['tokens_per_s']:,.0f} tokens/s, {prediction['tokens'] / 1e6:.1f} M tokens to train on",
         ]
@@ -267,7 +273,8 @@ def write_report(out, config, info, prediction, evaluation, samples, corpus, pre
     gpt2_dir = tokstats.find_gpt2_dir()
     rows = tokstats.compare(tokenizer, val_text, tokstats.load_gpt2(gpt2_dir) if gpt2_dir else None)
     params = accounting.parameter_counts(config.model)
-    memory = accounting.memory_estimate(config.model, config.batch_size, config.model.context_length)
+    precision = training_precision(config)
+    memory = accounting.memory_estimate(config.model, config.batch_size, config.model.context_length, precision)
     tokens_seen = last["step"] * config.batch_size * config.grad_accum_steps * config.model.context_length
     run = out.run
     lines = [
@@ -309,7 +316,7 @@ def write_report(out, config, info, prediction, evaluation, samples, corpus, pre
         "|---|---|",
         *[f"| {k} | {v:,} |" for k, v in params.items()],
         "",
-        f"Training memory (fp32, batch {config.batch_size} x {config.model.context_length}): parameters "
+        f"Training memory ({precision}, batch {config.batch_size} x {config.model.context_length}): parameters "
         f"{memory.parameters / 2**20:.1f} MiB, gradients {memory.gradients / 2**20:.1f} MiB, AdamW state "
         f"{memory.optimizer / 2**20:.1f} MiB, activations {memory.activations / 2**20:.1f} MiB.",
         "",
