@@ -107,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="default: tiny small on CPU, all on CUDA")
     parser.add_argument("--compile", action="store_true", help="torch.compile scratchlm's loss")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="CUDA: autocast or not")
@@ -116,6 +116,7 @@ def main() -> None:
         help="glibc as it comes, freed memory kept for reuse (what `scratchlm train` sets), or both in turn",
     )  # fmt: skip
     args = parser.parse_args()
+    args.shapes = args.shapes or (list(SHAPES) if args.device == "cuda" else ["tiny", "small"])
     if args.device == "cuda":
         return main_cuda(args)
 

@@ -151,6 +151,19 @@ def test_budget_is_refitted_when_the_machine_slows_down(data_dir, tmp_path, monk
     assert result["step"] == result["total_steps"] < 250
 
 
+def test_budget_is_refitted_without_evaluations(data_dir, tmp_path, monkeypatch):
+    """Steps twice as slow just after the budget probe, and no evaluation before the end: re-fitted
+    after every tenth of the budget, a 3 s run still ends near 3 s (fitted by the probe alone, to 300
+    steps, it would take ~5.9 s)."""
+    simulate_step_times(monkeypatch, lambda t: 0.01 if t < 0.15 else 0.02)
+    config = tiny_config(data_dir, tmp_path / "run", max_minutes=0.05, max_steps=10**6, eval_every=10**6,
+                         checkpoint_every=10**6, log_every=10)  # fmt: skip
+    result = train(config, quiet=True)
+    elapsed = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["time_s"]
+    assert 2.7 <= elapsed <= 3.3, elapsed
+    assert result["step"] == result["total_steps"] < 200
+
+
 def test_budget_leaves_the_compiling_first_step_out_of_the_pace(data_dir, tmp_path, monkeypatch):
     """A first step that takes 20 s (torch.compile on a GPU) and 0.01 s steps after it: a 30 s budget
     is fitted to the pace after the warm-up and ends near 30 s (timed from the start, the probe

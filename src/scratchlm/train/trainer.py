@@ -38,6 +38,9 @@ BUDGET_PROBE_STEPS = 10  # steps timed before a wall-clock budget is turned into
 # Steps left out of that timing: the first compiles (torch.compile, 20-60 s on a GPU), loads kernels and
 # warms the allocator. Timed from the start, a 2-minute GPU run was fitted to 51 steps instead of ~3,500.
 WARMUP_STEPS = 2
+# The step count is re-fitted at every evaluation and, where evaluations are further apart (or off),
+# whenever this fraction of the budget has passed since the last fit.
+REFIT_FRACTION = 0.1
 
 
 def steps_for_budget(budget_s: float, elapsed_s: float, step: int, seconds_per_step: float, max_steps: int) -> int:
@@ -270,7 +273,8 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
 
             stopping = stop.signal is not None
             probe = checkpoint is None and step == probe_step
-            refit = step % config.eval_every == 0 and (checkpoint is not None or step > probe_step)
+            fitted_once = checkpoint is not None or step > probe_step
+            refit = step % config.eval_every == 0 and fitted_once
             log_due = step % config.log_every == 0 or step == total_steps
             eval_due = step % config.eval_every == 0 or step == total_steps
             save_due = step % config.checkpoint_every == 0 or step == total_steps or stopping
@@ -292,11 +296,13 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
 
             if step == first_step + WARMUP_STEPS:
                 fitted_at = (now, step)  # the pace is timed from here, after the warm-up steps
+            refit = refit or (fitted_once and now - fitted_at[0] >= REFIT_FRACTION * budget_s)
             if budget_s and step < total_steps and (probe or refit) and step > fitted_at[1]:
                 # Fit the schedule to the wall-clock budget from the pace since the last fit (evaluations
-                # and checkpoints included): first after a few warm steps, then at every evaluation, so a run
-                # still ends on budget when the machine slows down or speeds up. The cosine schedule
-                # follows the new length from here on.
+                # and checkpoints included): first after a few warm steps, then at every evaluation (and
+                # every tenth of the budget), so a run still ends on budget when the machine slows down or
+                # speeds up, or when the first steps ran at a busy moment. The cosine schedule follows the
+                # new length from here on.
                 per_step = (now - fitted_at[0]) / (step - fitted_at[1])
                 fitted = steps_for_budget(budget_s, elapsed, step, per_step, config.max_steps)
                 if probe or abs(fitted - total_steps) > 0.01 * total_steps:
