@@ -32,6 +32,7 @@ from scratchlm.data.prepare import prepare
 from scratchlm.data.sources import resolve_corpus
 from scratchlm.errors import ScratchLMError
 from scratchlm.train.config import TrainConfig, load_config
+from scratchlm.train.trainer import uses_bf16_autocast
 
 # Presets: overrides of the TrainConfig defaults, plus the MFU the accounting predicts with (measured
 # on the machines named in docs/benchmarks.md). "cpu" is configs/shakespeare-cpu.toml (tested equal).
@@ -219,8 +220,7 @@ def _prompts_from(data_dir: Path, tokenizer) -> list[str]:
 
 def steps_for_epochs(epochs: float, train_tokens: int, config: TrainConfig) -> int:
     """Steps that take `epochs` passes over `train_tokens` (at least one)."""
-    tokens_per_step = config.batch_size * config.grad_accum_steps * config.model.context_length
-    return max(1, round(epochs * train_tokens / tokens_per_step))
+    return max(1, round(epochs * train_tokens / config.tokens_per_step))
 
 
 def predict(config: TrainConfig, device: torch.device, mfu: float, minutes: float) -> dict:
@@ -228,27 +228,29 @@ def predict(config: TrainConfig, device: torch.device, mfu: float, minutes: floa
     peak = accounting.device_peak_flops(device, "bf16" if device.type == "cuda" else "fp32")
     per_token = accounting.training_flops_per_token(config.model)
     tokens_per_s = peak * mfu / per_token
-    step_limit = config.max_steps * config.batch_size * config.grad_accum_steps * config.model.context_length
+    step_limit = config.max_steps * config.tokens_per_step
     return {"peak_flops": peak, "mfu": mfu, "flops_per_token": per_token, "tokens_per_s": tokens_per_s,
             "tokens": min(tokens_per_s * minutes * 60, step_limit)}  # fmt: skip
 
 
 def training_precision(config: TrainConfig) -> str:
-    """How `scratchlm train` runs this config, in the accounting's terms: bf16 autocast on CUDA, else fp32."""
-    return "bf16-mixed" if config.device.startswith("cuda") and config.dtype == "bfloat16" else "fp32"
+    """How `scratchlm train` runs this config (its device resolved, as the speedrun sets it), in the
+    accounting's terms: "bf16-mixed" under autocast, else "fp32"."""
+    return "bf16-mixed" if uses_bf16_autocast(config, torch.device(config.device)) else "fp32"
 
 
 def accounting_summary(config: TrainConfig, prediction: dict) -> str:
     m = config.model
     params = accounting.parameter_counts(m)
-    mem = accounting.memory_estimate(m, config.batch_size, m.context_length, training_precision(config))
+    precision = training_precision(config)
+    mem = accounting.memory_estimate(m, config.batch_size, m.context_length, precision)
     mib = 2**20
     parts = ", ".join(f"{k} {v:,}" for k, v in params.items() if k != "total")
     return "\n".join(
         [
             f"parameters: {params['total']:,} ({parts})",
             f"training FLOPs per token: {prediction['flops_per_token'] / 1e6:.1f} M",
-            f"memory ({training_precision(config)}): parameters {mem.parameters / mib:.1f} MiB, "
+            f"memory ({precision}): parameters {mem.parameters / mib:.1f} MiB, "
             f"gradients {mem.gradients / mib:.1f} MiB, AdamW {mem.optimizer / mib:.1f} MiB, "
             f"activations {mem.activations / mib:.1f} MiB",
             f"predicted at {prediction['mfu']:.0%} MFU of {prediction['peak_flops'] / 1e9:,.0f} GFLOP/s: "
@@ -275,7 +277,7 @@ def write_report(out, config, info, prediction, evaluation, samples, corpus, pre
     params = accounting.parameter_counts(config.model)
     precision = training_precision(config)
     memory = accounting.memory_estimate(config.model, config.batch_size, config.model.context_length, precision)
-    tokens_seen = last["step"] * config.batch_size * config.grad_accum_steps * config.model.context_length
+    tokens_seen = last["step"] * config.tokens_per_step
     run = out.run
     lines = [
         "# scratchlm speedrun report",

@@ -59,6 +59,11 @@ class TrainConfig:
     threads: int = 0  # CPU threads; 0 = all cores
     out_dir: str = "runs/shakespeare"
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens in one optimizer step: batch x accumulation steps x context."""
+        return self.batch_size * self.grad_accum_steps * self.model.context_length
+
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """A TrainConfig from a TOML file (or the defaults) with `section.key=value` overrides applied."""

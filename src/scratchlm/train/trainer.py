@@ -136,8 +136,13 @@ def evaluate(model, tokens: np.ndarray, byte_lengths: torch.Tensor, config: Trai
     return EvalResult(loss, math.exp(loss), total_nats / (math.log(2) * max(total_bytes, 1)), total_tokens)
 
 
+def uses_bf16_autocast(config: TrainConfig, device: torch.device) -> bool:
+    """dtype = "bfloat16" means autocast on CUDA; a CPU run is always float32."""
+    return device.type == "cuda" and config.dtype == "bfloat16"
+
+
 def autocast(config: TrainConfig, device: torch.device):
-    if device.type == "cuda" and config.dtype == "bfloat16":
+    if uses_bf16_autocast(config, device):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -221,9 +226,9 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
     log = MetricsLog(run_dir / "metrics.jsonl")
 
     loss_fn = torch.compile(model.loss) if should_compile(config, device) else model.loss
-    tokens_per_step = config.batch_size * config.grad_accum_steps * config.model.context_length
+    tokens_per_step = config.tokens_per_step
     flops_per_token = training_flops_per_token(config.model)
-    peak = device_peak_flops(device, "bf16" if device.type == "cuda" and config.dtype == "bfloat16" else "fp32")
+    peak = device_peak_flops(device, "bf16" if uses_bf16_autocast(config, device) else "fp32")
     budget_s = config.max_minutes * 60
     say(
         f"model: {model.num_parameters():,} parameters on {device} ({torch.get_num_threads()} threads); "
