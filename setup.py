@@ -25,11 +25,15 @@ setup(
     ext_modules=[
         Extension("scratchlm.tokenizer._pretok", ["src/scratchlm/tokenizer/_pretok.c"], extra_compile_args=["-O3"]),
         Extension("scratchlm.tokenizer._merge", ["src/scratchlm/tokenizer/_merge.c"], extra_compile_args=["-O3"]),
-        Extension(  # flags: see the head of _kernels.c
-            "scratchlm.model._kernels",
-            ["src/scratchlm/model/_kernels.c"],
-            extra_compile_args=["-O3", "-fno-trapping-math", "-fopenmp"],
-            extra_link_args=["-fopenmp"],
+        *(
+            Extension(  # flags: see the head of _cpu.h
+                f"scratchlm.model.{name}",
+                [f"src/scratchlm/model/{name}.c"],
+                depends=["src/scratchlm/model/_cpu.h"],
+                extra_compile_args=["-O3", "-fno-trapping-math", "-fopenmp"],
+                extra_link_args=["-fopenmp"],
+            )
+            for name in ("_kernels", "_attention")
         ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},

@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from scratchlm import accounting
-from scratchlm.model import ModelConfig, TransformerLM
+from scratchlm.model import ModelConfig, TransformerLM, kernels
 
 CONFIGS = [
     ModelConfig(vocab_size=500, context_length=64, d_model=64, n_layers=2, n_heads=4),
@@ -81,6 +81,7 @@ def measured_saved_bytes(model, ids, targets) -> int:
         ModelConfig(vocab_size=1000, context_length=128, d_model=128, n_layers=4, n_heads=4),
         ModelConfig(vocab_size=10000, context_length=256, d_model=256, n_layers=2, n_heads=8, n_kv_heads=2),
         ModelConfig(vocab_size=500, context_length=64, d_model=64, n_layers=3, n_heads=4, ffn="silu"),
+        ModelConfig(vocab_size=500, context_length=64, d_model=64, n_layers=2, n_heads=8),  # PyTorch's attention
     ],
 )
 def test_activation_memory_prediction_within_15_percent(config):
@@ -97,20 +98,26 @@ def test_dropout_adds_a_byte_per_masked_element():
     plain = ModelConfig(vocab_size=1000, context_length=128, d_model=128, n_layers=4, n_heads=4)
     dropped = ModelConfig(**{**vars(plain), "dropout": 0.1})
     estimate = accounting.memory_estimate
-    extra = estimate(dropped, 4, 128).activations - estimate(plain, 4, 128).activations
+    # On CUDA, where attention is PyTorch's either way (on CPU dropout also leaves the C attention kernel).
+    extra = estimate(dropped, 4, 128, device="cuda").activations - estimate(plain, 4, 128, device="cuda").activations
     assert extra == (2 * 4 + 1) * 4 * 128 * 128  # embeddings + 2 branches x 4 layers, 4 x 128 tokens x 128 wide
+    assert not accounting.uses_c_attention(dropped, 128)
+    assert accounting.uses_c_attention(plain, 128) == kernels.HAVE_C
 
 
 def test_memory_by_kind_and_largest_batch():
     config = accounting.PRESETS["gpt2-small"]
     n = accounting.parameter_counts(config)["total"]
-    fp32 = accounting.memory_estimate(config, 8, 1024, "fp32")
-    bf16 = accounting.memory_estimate(config, 8, 1024, "bf16-mixed")
+    fp32 = accounting.memory_estimate(config, 8, 1024, "fp32", "cuda")
+    bf16 = accounting.memory_estimate(config, 8, 1024, "bf16-mixed", "cuda")
     assert (fp32.parameters, fp32.gradients, fp32.optimizer) == (4 * n, 4 * n, 8 * n)
     assert bf16.activations * 2 == fp32.activations and bf16.parameters == fp32.parameters
-    biggest = accounting.largest_batch(config, 1024, 80 * 2**30)
-    assert accounting.memory_estimate(config, biggest, 1024).total <= 80 * 2**30
-    assert accounting.memory_estimate(config, biggest + 1, 1024).total > 80 * 2**30
+    biggest = accounting.largest_batch(config, 1024, 80 * 2**30, "fp32", "cuda")
+    assert accounting.memory_estimate(config, biggest, 1024, "fp32", "cuda").total <= 80 * 2**30
+    assert accounting.memory_estimate(config, biggest + 1, 1024, "fp32", "cuda").total > 80 * 2**30
+    if kernels.HAVE_C:  # on CPU the C attention keeps neither q nor k after RoPE: d + kv fewer floats a token
+        cpu = accounting.memory_estimate(config, 8, 1024, "fp32", "cpu")
+        assert fp32.activations - cpu.activations == 4 * config.n_layers * (8 * 1024 * 2 * 768 + 2 * 1024 * 64)
 
 
 def test_training_time_by_hand():

@@ -122,3 +122,70 @@ def test_cross_entropy_rows_matches_torch(use_c, rows, monkeypatch):
     with_grad = logits.clone()
     torch.testing.assert_close(kernels.cross_entropy_rows_(with_grad, targets, grad=True), losses)
     torch.testing.assert_close(with_grad, leaf.grad)
+
+
+def rotate_pairs(x, rotations):
+    """(..., seq, d) with each pair (x[2m], x[2m+1]) turned by (cos, sin) = rotations[position, m]."""
+    cos, sin = rotations[..., 0], rotations[..., 1]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+
+def reference_self_attention(qkv, heads, kv_heads, rotations):
+    """Split the heads, rotate, F.scaled_dot_product_attention(is_causal=True), merge the heads."""
+    d = qkv.shape[-1] // (heads + 2 * kv_heads)
+    q, k, v = qkv.split((heads * d, kv_heads * d, kv_heads * d), dim=-1)
+    q, k, v = (t.unflatten(-1, (-1, d)).transpose(1, 2) for t in (q, k, v))
+    if rotations is not None:
+        q, k = rotate_pairs(q, rotations), rotate_pairs(k, rotations)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return out.transpose(1, 2).flatten(2)
+
+
+# (batch, seq, heads, kv_heads, d_head, rope): a seq of 5 pads most of a 16-row block; 37 is no multiple of
+# 4, 8 or 16; grouped and multi-query attention; 256 positions split over threads; d_head 64.
+ATTENTION_SHAPES = [
+    (2, 5, 2, 2, 16, True),
+    (3, 37, 4, 2, 32, True),
+    (2, 128, 4, 1, 32, False),
+    (4, 256, 2, 2, 32, True),
+    (1, 70, 2, 2, 64, True),
+]
+
+
+@needs_c
+@pytest.mark.parametrize(("batch", "seq", "heads", "kv_heads", "d", "rope"), ATTENTION_SHAPES)
+def test_causal_self_attention_matches_torch(batch, seq, heads, kv_heads, d, rope):
+    """The C kernel against F.scaled_dot_product_attention on explicitly rotated heads, in float64:
+    the output and the gradient of qkv; with scores of several hundred (softmax must subtract the max)."""
+    torch.manual_seed(0)
+    qkv = torch.randn(batch, seq, (heads + 2 * kv_heads) * d, dtype=torch.float64)
+    qkv[..., : heads * d] *= 4  # scores up to ~ 16 sqrt(d): far outside exp's float32 range unshifted
+    angles = torch.arange(seq)[:, None] * 10_000.0 ** (-torch.arange(0, d, 2) / d)
+    rotations = torch.stack((angles.cos(), angles.sin()), dim=-1) if rope else None
+    grad_out = torch.randn(batch, seq, heads * d, dtype=torch.float64)
+
+    expected, (expected_grad,) = grads(
+        lambda t: reference_self_attention(t, heads, kv_heads, rotations), qkv, grad_out=grad_out
+    )
+    rotations32 = None if rotations is None else rotations.float()
+    assert kernels.causal_self_attention_applies(qkv.float(), heads, kv_heads, rotations32)
+    out, (grad,) = grads(
+        lambda t: kernels.causal_self_attention(t, heads, kv_heads, rotations32), qkv.float(), grad_out=grad_out.float()
+    )
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(grad.double(), expected_grad, atol=2e-4, rtol=1e-4)
+
+
+def test_causal_self_attention_applies_only_where_the_kernel_can():
+    """Else the module takes PyTorch's attention: other dtypes and devices, a strided qkv, d_head not a
+    multiple of 16, too many positions, or rotations that do not match."""
+    qkv, rotations = torch.randn(2, 8, 4 * 16), torch.randn(8, 8, 2)
+    assert kernels.causal_self_attention_applies(qkv, 2, 1, rotations) == kernels.HAVE_C
+    assert kernels.causal_self_attention_applies(qkv, 2, 1, None) == kernels.HAVE_C
+    assert not kernels.causal_self_attention_applies(qkv.double(), 2, 1, rotations.double())
+    assert not kernels.causal_self_attention_applies(qkv.mT.contiguous().mT, 2, 1, rotations)
+    assert not kernels.causal_self_attention_applies(torch.randn(2, 8, 4 * 8), 2, 1, torch.randn(8, 4, 2))
+    assert not kernels.causal_self_attention_applies(qkv, 2, 1, torch.randn(9, 8, 2))
+    long = kernels.ATTENTION_MAX_SEQ + 1
+    assert not kernels.causal_self_attention_applies(torch.randn(1, long, 64), 2, 1, None)

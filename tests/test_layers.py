@@ -6,10 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from scratchlm.model import kernels
 from scratchlm.model.layers import (
     CausalSelfAttention,
     Dropout,
     Embedding,
+    KVCache,
     Linear,
     RMSNorm,
     RotaryEmbedding,
@@ -140,6 +142,40 @@ def test_causal_self_attention(fused, n_kv_heads):
     x = torch.randn(2, 11, 32)
     positions = torch.arange(11)
     torch.testing.assert_close(attn(x, positions), reference_attention(x, attn, positions, 4, n_kv_heads, 10000.0))
+
+
+@pytest.mark.skipif(not kernels.HAVE_C, reason="the C extension is not built (no compiler at install)")
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_fused_attention_takes_the_c_kernel_for_whole_sequences_on_cpu(n_kv_heads, monkeypatch):
+    """Training-sized batches (>= MERGE_MIN_ROWS rows) on CPU go through kernels.causal_self_attention,
+    with the values and every gradient of the reference. Not with dropout while training, or a KV cache."""
+    c_attention, calls = kernels.causal_self_attention, []
+    monkeypatch.setattr(kernels, "causal_self_attention", lambda *args: calls.append(1) or c_attention(*args))
+    attn = CausalSelfAttention(64, 4, n_kv_heads, RotaryEmbedding(16, 64), fused=True)
+    x = torch.randn(8, 40, 64)  # 320 rows
+    params = list(attn.parameters())
+    expected = values_and_grads(lambda t: reference_attention(t, attn, torch.arange(40), 4, n_kv_heads, 1e4), x, params)
+    got = values_and_grads(attn, x, params)
+    assert calls == [1]
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    attn.dropout = 0.1
+    attn(x)
+    assert calls == [1]
+    attn.eval()  # dropout off
+    attn(x)
+    attn(x, cache=KVCache.empty(8, n_kv_heads, 40, 16))
+    assert calls == [1, 1]
+
+
+def values_and_grads(fn, x, params):
+    """[fn(x), then the gradients of x and of params] for a fixed random gradient of the output."""
+    x = x.detach().clone().requires_grad_()
+    for p in params:
+        p.grad = None
+    out = fn(x)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+    return [out.detach(), x.grad, *(p.grad for p in params)]
 
 
 def test_fused_and_plain_attention_agree_on_a_suffix_of_queries():

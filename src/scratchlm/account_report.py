@@ -16,7 +16,8 @@ def account(
     params = accounting.parameter_counts(config)
     precision_dtype = "fp32" if device == "cpu" else "bf16"
     peak = accounting.device_peak_flops(device, precision_dtype)
-    memory = {p: asdict(accounting.memory_estimate(config, batch, seq, p)) for p in ("fp32", "bf16-mixed")}
+    device_type = "cpu" if device == "cpu" else "cuda"
+    memory = {p: asdict(accounting.memory_estimate(config, batch, seq, p, device_type)) for p in ("fp32", "bf16-mixed")}
     for p in memory:
         memory[p]["total"] = sum(memory[p].values())
     return {
@@ -37,7 +38,10 @@ def account(
         },
         "largest_batch": {
             "memory_gb": memory_gb,
-            **{p: accounting.largest_batch(config, seq, memory_gb * 2**30, p) for p in ("fp32", "bf16-mixed")},
+            **{
+                p: accounting.largest_batch(config, seq, memory_gb * 2**30, p, device_type)
+                for p in ("fp32", "bf16-mixed")
+            },
         },
     }
 

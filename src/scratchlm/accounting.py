@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from scratchlm.model import kernels
 from scratchlm.model.transformer import ModelConfig
 
 # Dense peak FLOP/s (no sparsity) by device; the local CPU is measured instead (`cpu_peak_flops`).
@@ -105,22 +106,40 @@ class MemoryEstimate:
         return self.parameters + self.gradients + self.optimizer + self.activations
 
 
-def activation_elements(config: ModelConfig, batch: int, seq: int) -> dict[str, int]:
+def uses_c_attention(config: ModelConfig, seq: int, device: str = "cpu", precision: str = "fp32") -> bool:
+    """Whether training takes the C attention kernel (`kernels.causal_self_attention`): on CPU in float32,
+    without dropout, d_head a multiple of 16, at most ATTENTION_MAX_SEQ positions (and batches of at
+    least MERGE_MIN_ROWS tokens, as training batches are)."""
+    return (
+        device == "cpu"
+        and precision == "fp32"
+        and kernels.HAVE_C
+        and not config.dropout
+        and config.d_head % 16 == 0
+        and seq <= kernels.ATTENTION_MAX_SEQ
+    )
+
+
+def activation_elements(
+    config: ModelConfig, batch: int, seq: int, device: str = "cpu", precision: str = "fp32"
+) -> dict[str, int]:
     """Elements of the tensors the fused training path saves for backward (measured op by op with
     saved-tensor hooks, and checked within 15% by the tests).
 
     Per layer and token: the two RMSNorms (input and 1/rms: d + 1 each) and the inputs of the
-    projections they feed (q|k|v, and w1 and w3: d each) = 4 d + 2; attention: q and k after RoPE,
-    the q|k|v projection output (v is a view of it), the output and its log-sum-exp per head
-    = 3 d + 3 kv + heads; the FFN: gate and up (the SwiGLU activation's inputs) and the gated product
-    (3 d_ff; 2 d_ff for the plain SiLU FFN). Per layer, whatever the batch: the concatenated q|k|v
-    weights and the RoPE rotations. Then the final norm (d + 1 per token) and the fused head's
-    gradients (d per token + vocab x d).
+    projections they feed (q|k|v, and w1 and w3: d each) = 4 d + 2; attention: the q|k|v projection
+    output, the output and its log-sum-exp per head = 2 d + 2 kv + heads, and with PyTorch's attention
+    (not `uses_c_attention`) also q and k after RoPE (d + kv); the FFN: gate and up (the SwiGLU
+    activation's inputs) and the gated product (3 d_ff; 2 d_ff for the plain SiLU FFN). Per layer,
+    whatever the batch: the concatenated q|k|v weights, and PyTorch's attention the RoPE rotations.
+    Then the final norm (d + 1 per token) and the fused head's gradients (d per token + vocab x d).
     """
     d, kv, ff, h = config.d_model, config.n_kv_heads * config.d_head, config.d_ff, config.n_heads
     tokens = batch * seq
-    per_token = (4 * d + 2) + (3 * d + 3 * kv + h) + (3 * ff if config.ffn == "swiglu" else 2 * ff)
-    per_layer_fixed = (d + 2 * kv) * d + 2 * seq * config.d_head
+    c_attention = uses_c_attention(config, seq, device, precision)
+    attention = 2 * d + 2 * kv + h + (0 if c_attention else d + kv)
+    per_token = (4 * d + 2) + attention + (3 * ff if config.ffn == "swiglu" else 2 * ff)
+    per_layer_fixed = (d + 2 * kv) * d + (0 if c_attention else 2 * seq * config.d_head)
     return {
         "layers": config.n_layers * (per_token * tokens + per_layer_fixed),
         "final norm + head": (2 * d + 1) * tokens + config.vocab_size * d,
@@ -135,19 +154,23 @@ def dropout_mask_bytes(config: ModelConfig, batch: int, seq: int) -> int:
     return (2 * config.n_layers + 1) * batch * seq * config.d_model if config.dropout else 0
 
 
-def memory_estimate(config: ModelConfig, batch: int, seq: int, precision: str = "fp32") -> MemoryEstimate:
-    """Bytes for training with AdamW. precision "fp32", or "bf16-mixed": fp32 master weights,
-    gradients and AdamW state, bf16 activations (autocast)."""
+def memory_estimate(
+    config: ModelConfig, batch: int, seq: int, precision: str = "fp32", device: str = "cpu"
+) -> MemoryEstimate:
+    """Bytes for training with AdamW on a device of this type ("cpu", "cuda", ...). precision "fp32", or
+    "bf16-mixed": fp32 master weights, gradients and AdamW state, bf16 activations (autocast)."""
     n = parameter_counts(config)["total"]
-    act_elements = sum(activation_elements(config, batch, seq).values())
+    act_elements = sum(activation_elements(config, batch, seq, device, precision).values())
     act_bytes = act_elements * (4 if precision == "fp32" else 2) + dropout_mask_bytes(config, batch, seq)
     return MemoryEstimate(parameters=4 * n, gradients=4 * n, optimizer=8 * n, activations=act_bytes)
 
 
-def largest_batch(config: ModelConfig, seq: int, memory_bytes: float, precision: str = "fp32") -> int:
+def largest_batch(
+    config: ModelConfig, seq: int, memory_bytes: float, precision: str = "fp32", device: str = "cpu"
+) -> int:
     """The largest batch whose predicted training memory fits in `memory_bytes` (0 if none)."""
-    fixed = memory_estimate(config, 0, seq, precision).total
-    per_sample = memory_estimate(config, 1, seq, precision).total - fixed
+    fixed = memory_estimate(config, 0, seq, precision, device).total
+    per_sample = memory_estimate(config, 1, seq, precision, device).total - fixed
     return max(0, int((memory_bytes - fixed) // per_sample)) if per_sample > 0 else 0
 
 

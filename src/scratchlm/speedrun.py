@@ -239,11 +239,16 @@ def training_precision(config: TrainConfig) -> str:
     return "bf16-mixed" if uses_bf16_autocast(config, torch.device(config.device)) else "fp32"
 
 
+def training_memory(config: TrainConfig) -> accounting.MemoryEstimate:
+    """The accounting's training memory for this config, a batch of whole contexts, as it will train."""
+    m, device = config.model, torch.device(config.device).type
+    return accounting.memory_estimate(m, config.batch_size, m.context_length, training_precision(config), device)
+
+
 def accounting_summary(config: TrainConfig, prediction: dict) -> str:
     m = config.model
     params = accounting.parameter_counts(m)
-    precision = training_precision(config)
-    mem = accounting.memory_estimate(m, config.batch_size, m.context_length, precision)
+    precision, mem = training_precision(config), training_memory(config)
     mib = 2**20
     parts = ", ".join(f"{k} {v:,}" for k, v in params.items() if k != "total")
     return "\n".join(
@@ -275,8 +280,7 @@ def write_report(out, config, info, prediction, evaluation, samples, corpus, pre
     gpt2_dir = tokstats.find_gpt2_dir()
     rows = tokstats.compare(tokenizer, val_text, tokstats.load_gpt2(gpt2_dir) if gpt2_dir else None)
     params = accounting.parameter_counts(config.model)
-    precision = training_precision(config)
-    memory = accounting.memory_estimate(config.model, config.batch_size, config.model.context_length, precision)
+    precision, memory = training_precision(config), training_memory(config)
     tokens_seen = last["step"] * config.tokens_per_step
     run = out.run
     lines = [

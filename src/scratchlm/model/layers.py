@@ -3,8 +3,9 @@ softmax, dropout, scaled dot-product attention and causal multi-head self-attent
 
 PyTorch supplies tensors, autograd and the `nn.Module` / `nn.Parameter` containers. With `fused=True`
 a module uses a fused kernel for the same math where one exists: our own C kernels on CPU
-(`scratchlm.model.kernels`: RMSNorm, SwiGLU's activation), else PyTorch's (`F.scaled_dot_product_attention`,
-`F.rms_norm`, `F.silu`, `F.dropout`); tests check every path against the written-out one.
+(`scratchlm.model.kernels`: RMSNorm, SwiGLU's activation, causal attention for short sequences), else
+PyTorch's (`F.scaled_dot_product_attention`, `F.rms_norm`, `F.silu`, `F.dropout`); tests check every path
+against the written-out one.
 """
 
 from __future__ import annotations
@@ -347,9 +348,15 @@ class CausalSelfAttention(nn.Module):
         """
         batch, seq, _ = x.shape
         if self.fused and _merge_pays(x):  # one matmul for q, k and v (larger matmuls run closer to peak)
-            weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+            qkv = project(x, (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight), self)
+            if positions is None and cache is None and key_mask is None and not (self.training and self.dropout):
+                rotations = None if self.rope is None else self.rope.rotations[:seq]
+                if kernels.causal_self_attention_applies(qkv, self.n_heads, self.n_kv_heads, rotations):
+                    return self.output_proj(
+                        kernels.causal_self_attention(qkv, self.n_heads, self.n_kv_heads, rotations)
+                    )
             kv_dim = self.n_kv_heads * self.d_head
-            q, k, v = project(x, weights, self).split((self.n_heads * self.d_head, kv_dim, kv_dim), dim=-1)
+            q, k, v = qkv.split((self.n_heads * self.d_head, kv_dim, kv_dim), dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.reshape(batch, seq, self.n_heads, self.d_head).transpose(1, 2)  # (b, h, s, d_head)
