@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    if not kernels.HAVE_C:
+    if not kernels.HAVE_C_ATTENTION:
         sys.exit("the C extension is not built (no compiler at install)")
     torch.set_num_threads(args.threads)
     rows = []

@@ -102,7 +102,7 @@ def test_dropout_adds_a_byte_per_masked_element():
     extra = estimate(dropped, 4, 128, device="cuda").activations - estimate(plain, 4, 128, device="cuda").activations
     assert extra == (2 * 4 + 1) * 4 * 128 * 128  # embeddings + 2 branches x 4 layers, 4 x 128 tokens x 128 wide
     assert not accounting.uses_c_attention(dropped, 128)
-    assert accounting.uses_c_attention(plain, 128) == kernels.HAVE_C
+    assert accounting.uses_c_attention(plain, 128) == kernels.HAVE_C_ATTENTION
 
 
 def test_memory_by_kind_and_largest_batch():
@@ -115,7 +115,7 @@ def test_memory_by_kind_and_largest_batch():
     biggest = accounting.largest_batch(config, 1024, 80 * 2**30, "fp32", "cuda")
     assert accounting.memory_estimate(config, biggest, 1024, "fp32", "cuda").total <= 80 * 2**30
     assert accounting.memory_estimate(config, biggest + 1, 1024, "fp32", "cuda").total > 80 * 2**30
-    if kernels.HAVE_C:  # on CPU the C attention keeps neither q nor k after RoPE: d + kv fewer floats a token
+    if kernels.HAVE_C_ATTENTION:  # on CPU the C attention keeps neither q nor k after RoPE: d + kv fewer floats a token
         cpu = accounting.memory_estimate(config, 8, 1024, "fp32", "cpu")
         assert fp32.activations - cpu.activations == 4 * config.n_layers * (8 * 1024 * 2 * 768 + 2 * 1024 * 64)
 

@@ -144,7 +144,7 @@ def test_causal_self_attention(fused, n_kv_heads):
     torch.testing.assert_close(attn(x, positions), reference_attention(x, attn, positions, 4, n_kv_heads, 10000.0))
 
 
-@pytest.mark.skipif(not kernels.HAVE_C, reason="the C extension is not built (no compiler at install)")
+@pytest.mark.skipif(not kernels.HAVE_C_ATTENTION, reason="the C extension is not built (no compiler at install)")
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 def test_fused_attention_takes_the_c_kernel_for_whole_sequences_on_cpu(n_kv_heads, monkeypatch):
     """Training-sized batches (>= MERGE_MIN_ROWS rows) on CPU go through kernels.causal_self_attention,

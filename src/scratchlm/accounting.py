@@ -113,7 +113,7 @@ def uses_c_attention(config: ModelConfig, seq: int, device: str = "cpu", precisi
     return (
         device == "cpu"
         and precision == "fp32"
-        and kernels.HAVE_C
+        and kernels.HAVE_C_ATTENTION
         and not config.dropout
         and config.d_head % 16 == 0
         and seq <= kernels.ATTENTION_MAX_SEQ

@@ -41,7 +41,7 @@ from scratchlm.train.trainer import uses_bf16_autocast
 # from 1.94 bits/byte (after 6 passes) to 4.06. Chosen by 1-minute trials (docs/benchmarks.md).
 PRESETS: dict[str, dict] = {
     "cpu": {
-        "expected_mfu": 0.60,
+        "expected_mfu": 0.70,  # 2-core EPYC: 68.7% measured before the C attention, 75-79% after
         "sets": [
             "model.vocab_size=10000",
             "model.context_length=128",

@@ -21,7 +21,8 @@
  * head) pair is one task: its rows are copied into scratch (L2-sized at these lengths), rotated, padded
  * to a multiple of 16, with q pre-scaled, and every product runs as 4 x 16 register blocks over the
  * blocks on or below the diagonal only. As in flash attention the forward keeps only lse, and the
- * backward recomputes the probabilities from it, so memory grows with seq, not seq^2. With P = softmax(S):
+ * backward recomputes the probabilities from it, so what is kept for the backward grows with seq, not
+ * seq^2 (the seq^2 scratch is per thread, and reused). With P = softmax(S):
  *   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(P * dP)),  dQ = scale dS K,  dK = dS^T (scale Q),
  * and the gradients of the unrotated q and k are those of the rotated ones rotated back.
  * d must be a multiple of 16 (the wrapper in kernels.py checks this, and the rest).
@@ -83,7 +84,11 @@ INLINE void add_lower_transposed_times(float *c, const float *p, const float *b,
         for (int64_t e = 0; e < d; e += 16) block4x16(p + j, 1, tp, b + e, d, j, tp, c + j * d + e, d, 1);
 }
 
+#ifdef __clang__
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
 #define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
 
 /* dst[e][i] = src[i][e] for an 8 x 8 block, in registers: unpack pairs, then quads, then halves (AVX's
  * unpcklps / shufps / vperm2f128). Element by element this was a sixth of the kernels' time. */

@@ -39,13 +39,14 @@ def _blocked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, need
     rows = block_rows(n, vocab)
     grad_hidden = torch.empty_like(hidden) if need_grad else None
     grad_weight = torch.empty_like(weight) if need_grad else None
-    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    sum_dtype = torch.float32 if hidden.device.type == "mps" else torch.float64  # MPS has no float64
+    total = torch.zeros((), dtype=sum_dtype, device=hidden.device)
     for start in range(0, n, rows):
         h, t = hidden[start : start + rows], targets[start : start + rows]
         logits = (h @ weight.mT).float()  # (rows, vocab)
         # One pass over the block (a C kernel on CPU): the rows' losses and, for the gradients, the
         # logits overwritten by N x d loss / d logits = softmax - onehot (the 1/N comes in backward).
-        total += cross_entropy_rows_(logits, t, grad=need_grad).sum(dtype=torch.float64)
+        total += cross_entropy_rows_(logits, t, grad=need_grad).sum(dtype=sum_dtype)
         if need_grad:
             grad_logits = logits.to(weight.dtype)
             torch.mm(grad_logits, weight, out=grad_hidden[start : start + rows])

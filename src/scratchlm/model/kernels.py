@@ -18,17 +18,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:  # imported after torch: they share its OpenMP threads (see _cpu.h)
-    from scratchlm.model import _attention, _kernels
-except ImportError:  # built without a C compiler
-    _attention = _kernels = None
+# Imported after torch: they share its OpenMP threads (see _cpu.h). Each is optional: an install whose
+# compiler could not build one (none at all, or one without OpenMP) takes PyTorch's operations instead.
+try:
+    from scratchlm.model import _kernels
+except ImportError:
+    _kernels = None
+try:
+    from scratchlm.model import _attention
+except ImportError:
+    _attention = None
 
-HAVE_C = _kernels is not None and _attention is not None
+HAVE_C = _kernels is not None
+HAVE_C_ATTENTION = _attention is not None
+
+
+def _float32_cpu_contiguous(*tensors: Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
 def available(*tensors: Tensor) -> bool:
-    """Whether the C kernels take these tensors: float32, on CPU, contiguous."""
-    return HAVE_C and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+    """Whether the C kernels of `_kernels.c` take these tensors: float32, on CPU, contiguous."""
+    return HAVE_C and _float32_cpu_contiguous(*tensors)
 
 
 class _SwiGLUActivation(torch.autograd.Function):
@@ -166,11 +177,12 @@ def causal_self_attention_applies(qkv: Tensor, heads: int, kv_heads: int, rotati
     at most ATTENTION_MAX_SEQ positions, and a rotation for each."""
     d = qkv.shape[-1] // (heads + 2 * kv_heads)
     return (
-        available(qkv)
+        HAVE_C_ATTENTION
+        and _float32_cpu_contiguous(qkv)
         and qkv.dim() == 3
         and d % 16 == 0
         and qkv.shape[1] <= ATTENTION_MAX_SEQ
-        and (rotations is None or (available(rotations) and rotations.shape == (qkv.shape[1], d // 2, 2)))
+        and (rotations is None or (_float32_cpu_contiguous(rotations) and rotations.shape == (qkv.shape[1], d // 2, 2)))
     )
 
 

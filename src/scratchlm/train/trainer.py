@@ -110,7 +110,7 @@ def should_compile(config: TrainConfig, device: torch.device) -> bool:
 
 def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int, device) -> torch.Tensor:
     """UTF-8 bytes each token id stands for (special tokens: 0), for bits per byte."""
-    lengths = torch.zeros(vocab_size, dtype=torch.float64)
+    lengths = torch.zeros(vocab_size, dtype=torch.int64)  # integers: exact sums on any device (MPS has no float64)
     for token_id, token in tokenizer.vocab.items():
         if token_id < vocab_size and token_id not in tokenizer.special_ids.values():
             lengths[token_id] = len(token)
@@ -128,7 +128,7 @@ def evaluate(model, tokens: np.ndarray, byte_lengths: torch.Tensor, config: Trai
     for x, y in eval_windows(tokens, config.batch_size, ctx, config.eval_tokens, device):
         with autocast(config, device):
             mean_loss = model.loss(x, y)  # bits per byte needs only the sum of the token losses
-        total_nats += mean_loss.double().item() * y.numel()
+        total_nats += mean_loss.item() * y.numel()
         total_bytes += byte_lengths[y].sum().item()
         total_tokens += y.numel()
     model.train(was_training)
