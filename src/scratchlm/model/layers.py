@@ -350,11 +350,9 @@ class CausalSelfAttention(nn.Module):
         if self.fused and _merge_pays(x):  # one matmul for q, k and v (larger matmuls run closer to peak)
             qkv = project(x, (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight), self)
             if positions is None and cache is None and key_mask is None and not (self.training and self.dropout):
-                rotations = None if self.rope is None else self.rope.rotations[:seq]
-                if kernels.causal_self_attention_applies(qkv, self.n_heads, self.n_kv_heads, rotations):
-                    return self.output_proj(
-                        kernels.causal_self_attention(qkv, self.n_heads, self.n_kv_heads, rotations)
-                    )
+                out = self._attend_in_c(qkv)  # whole sequences on CPU: RoPE and attention in one C kernel
+                if out is not None:
+                    return self.output_proj(out)
             kv_dim = self.n_kv_heads * self.d_head
             q, k, v = qkv.split((self.n_heads * self.d_head, kv_dim, kv_dim), dim=-1)
         else:
@@ -372,6 +370,14 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.append(k, v)
         out = self.attend(q, k, v, key_mask)  # (b, h, s, d_head)
         return self.output_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.d_head))
+
+    def _attend_in_c(self, qkv: Tensor) -> Tensor | None:
+        """Attention over positions 0..seq-1 by `kernels.causal_self_attention` where it applies, else None.
+        qkv: (b, s, (n_heads + 2 n_kv_heads) d_head) -> (b, s, n_heads d_head)"""
+        rotations = None if self.rope is None else self.rope.rotations[: qkv.shape[1]]
+        if not kernels.causal_self_attention_applies(qkv, self.n_heads, self.n_kv_heads, rotations):
+            return None
+        return kernels.causal_self_attention(qkv, self.n_heads, self.n_kv_heads, rotations)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """Causal attention where the n_q queries are the last n_q of the n_k keys' positions.
