@@ -108,16 +108,10 @@ class MemoryEstimate:
 
 def uses_c_attention(config: ModelConfig, seq: int, device: str = "cpu", precision: str = "fp32") -> bool:
     """Whether training takes the C attention kernel (`kernels.causal_self_attention`): on CPU in float32,
-    without dropout, d_head a multiple of 16, at most ATTENTION_MAX_SEQ positions (and batches of at
-    least MERGE_MIN_ROWS tokens, as training batches are)."""
-    return (
-        device == "cpu"
-        and precision == "fp32"
-        and kernels.HAVE_C_ATTENTION
-        and not config.dropout
-        and config.d_head % 16 == 0
-        and seq <= kernels.ATTENTION_MAX_SEQ
-    )
+    without dropout, at a shape `kernels.attention_kernel_fits` (and batches of at least MERGE_MIN_ROWS
+    tokens, as training batches are)."""
+    fits = kernels.attention_kernel_fits(config.d_head, seq)
+    return device == "cpu" and precision == "fp32" and not config.dropout and fits
 
 
 def activation_elements(

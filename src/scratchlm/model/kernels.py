@@ -172,16 +172,20 @@ class _CausalSelfAttention(torch.autograd.Function):
         return grad_qkv, None, None, None
 
 
+def attention_kernel_fits(d_head: int, seq: int) -> bool:
+    """Whether the C attention kernel is built and takes this shape: d_head a multiple of 16, at most
+    ATTENTION_MAX_SEQ positions. (The accounting asks this too, to know what training keeps.)"""
+    return HAVE_C_ATTENTION and d_head % 16 == 0 and seq <= ATTENTION_MAX_SEQ
+
+
 def causal_self_attention_applies(qkv: Tensor, heads: int, kv_heads: int, rotations: Tensor | None) -> bool:
-    """Whether `causal_self_attention` takes these: float32 on CPU, contiguous, d_head a multiple of 16,
-    at most ATTENTION_MAX_SEQ positions, and a rotation for each."""
+    """Whether `causal_self_attention` takes these: float32 on CPU, contiguous, a shape that
+    `attention_kernel_fits`, and a rotation for each position."""
     d = qkv.shape[-1] // (heads + 2 * kv_heads)
     return (
-        HAVE_C_ATTENTION
-        and _float32_cpu_contiguous(qkv)
+        _float32_cpu_contiguous(qkv)
         and qkv.dim() == 3
-        and d % 16 == 0
-        and qkv.shape[1] <= ATTENTION_MAX_SEQ
+        and attention_kernel_fits(d, qkv.shape[1])
         and (rotations is None or (_float32_cpu_contiguous(rotations) and rotations.shape == (qkv.shape[1], d // 2, 2)))
     )
 
