@@ -139,12 +139,47 @@ def test_account_cli_json_and_table():
     assert "6 N T rule of thumb" in table and "largest batch" in table
 
 
-def test_cpu_peak_is_cached_until_remeasured(monkeypatch, tmp_path):
+def test_cpu_peak_is_cached_and_never_lowered(monkeypatch, tmp_path):
     monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path))
-    measurements = iter([100e9, 150e9])
+    monkeypatch.setattr(accounting, "cpu_peak_floor", lambda threads: None)
+    measurements = iter([100e9, 150e9, 120e9])
     monkeypatch.setattr(accounting, "robust_cpu_peak", lambda: next(measurements))
     assert accounting.cpu_peak_flops() == 100e9
     assert accounting.cpu_peak_flops() == 100e9  # cached: not measured again
     assert accounting.cpu_peak_flops(remeasure=True) == 150e9
-    assert accounting.cpu_peak_flops() == 150e9  # the new figure replaced the cached one
+    assert accounting.cpu_peak_flops(remeasure=True) == 150e9  # 120 read at a busy moment: the best stays
     assert list(json.loads((tmp_path / "cpu_peak.json").read_text()).values()) == [150e9]
+    assert accounting.record_cpu_peak(180e9) == 180e9  # a run's own throughput beats it: that is the peak
+    assert accounting.cpu_peak_flops() == 180e9
+
+
+def test_cpu_peak_below_the_hardware_floor_is_measured_again(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(accounting, "cpu_peak_floor", lambda threads: 160e9)
+    measurements = iter([80e9, 190e9, 999e9])
+    monkeypatch.setattr(accounting, "robust_cpu_peak", lambda: next(measurements))
+    assert accounting.cpu_peak_flops() == 190e9  # the busy 80 was rejected, the retry kept
+    assert "below the 160.0 GFLOP/s" in capsys.readouterr().err
+
+
+def test_cpu_peak_floor_from_cpuinfo(monkeypatch, tmp_path):
+    """Cores x clock x lanes x 2 (one FMA unit), from /proc/cpuinfo: 2 x 2.5 GHz x 8 lanes x 2 = 80 GFLOP/s."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\ncpu MHz\t\t: 2500.000\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    real_path = accounting.Path
+    monkeypatch.setattr(accounting, "Path", lambda p: info if p == "/proc/cpuinfo" else real_path(p))
+    monkeypatch.setattr(accounting.os, "cpu_count", lambda: 2)
+    assert accounting.cpu_peak_floor(2) == pytest.approx(80e9)
+    assert accounting.cpu_peak_floor(8) == pytest.approx(80e9)  # never more cores than there are
+    info.write_text("cpu MHz\t\t: 2500.000\nflags\t\t: avx2 fma avx512f\n")
+    assert accounting.cpu_peak_floor(1) == pytest.approx(80e9)  # 16 lanes
+    info.write_text("cpu MHz\t\t: 2500.000\nflags\t\t: sse2\n")
+    assert accounting.cpu_peak_floor(1) is None
+
+
+@pytest.mark.skipif(not accounting.Path("/proc/cpuinfo").is_file(), reason="needs Linux's /proc/cpuinfo")
+def test_this_cpus_measured_peak_is_above_its_floor():
+    floor = accounting.cpu_peak_floor(torch.get_num_threads())
+    if floor is None:
+        pytest.skip("no AVX2/AVX-512 here: no floor is derived")
+    assert accounting.robust_cpu_peak() >= 0.8 * floor  # the floor is a real lower bound (idle or not quite)

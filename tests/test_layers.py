@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from scratchlm.model import kernels
+from scratchlm.model.config import default_d_ff
 from scratchlm.model.layers import (
     CausalSelfAttention,
     Dropout,
@@ -17,7 +18,6 @@ from scratchlm.model.layers import (
     RotaryEmbedding,
     SwiGLU,
     causal_mask,
-    default_d_ff,
     scaled_dot_product_attention,
     softmax,
 )
@@ -151,6 +151,7 @@ def test_fused_attention_takes_the_c_kernel_for_whole_sequences_on_cpu(n_kv_head
     with the values and every gradient of the reference. Not with dropout while training, or a KV cache."""
     c_attention, calls = kernels.causal_self_attention, []
     monkeypatch.setattr(kernels, "causal_self_attention", lambda *args: calls.append(1) or c_attention(*args))
+    torch.manual_seed(0)
     attn = CausalSelfAttention(64, 4, n_kv_heads, RotaryEmbedding(16, 64), fused=True)
     x = torch.randn(8, 40, 64)  # 320 rows
     params = list(attn.parameters())
@@ -158,7 +159,8 @@ def test_fused_attention_takes_the_c_kernel_for_whole_sequences_on_cpu(n_kv_head
     got = values_and_grads(attn, x, params)
     assert calls == [1]
     for a, b in zip(got, expected, strict=True):
-        torch.testing.assert_close(a, b)
+        # float32 gradients summed over 320 rows in another order: an unseeded run once differed by 1.1e-5
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
     attn.dropout = 0.1
     attn(x)
     assert calls == [1]

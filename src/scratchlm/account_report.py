@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from scratchlm import accounting
-from scratchlm.model.transformer import ModelConfig
-
-DEVICES = ("cpu", "h100", "h200", "a100")
+from scratchlm.model.config import ModelConfig
 
 
 def account(

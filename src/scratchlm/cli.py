@@ -11,9 +11,45 @@ import sys
 import time
 from pathlib import Path
 
+from scratchlm.checks import describe_range, in_range
 from scratchlm.errors import ScratchLMError
 
 DEFAULT_SPECIAL = "<|endoftext|>"
+ACCOUNT_DEVICES = ("cpu", "h100", "h200", "a100")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`scratchlm: error: ...`, exit 2), like every other error."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("scratchlm").strip()
+        print(f"scratchlm: error: {command + ': ' if command else ''}{message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def number(kind: type, low: float | None = None, high: float | None = None, low_open=False, high_open=False):
+    """An argparse `type` for an int or a finite float within a range, with a message that says which."""
+    name = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not in_range(value, low, high, low_open, high_open):
+            expected = describe_range(name, low, high, low_open, high_open) if low is not None else name
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`path: reason` for a failed read or write (a full disk, a read-only mount, no permission)."""
+    where = exc.filename or ""
+    reason = exc.strerror or str(exc)
+    return f"{where}: {reason}" if where else reason
 
 
 def _corpus_files(specs: list[str]) -> list[Path]:
@@ -23,13 +59,20 @@ def _corpus_files(specs: list[str]) -> list[Path]:
 
 
 def _read_text(paths: list[Path], limit_bytes: int | None = None) -> str:
+    """The files' text, up to `limit_bytes` in all; bad UTF-8 is reported with its own file and offset."""
     from scratchlm.tokenizer.pretokenize import decode_utf8
 
-    data = b"".join(p.read_bytes() for p in paths)
-    if limit_bytes:
-        data = data[:limit_bytes]
-        data = data[: len(data.decode("utf-8", "ignore").encode())]  # do not cut a character in two
-    return decode_utf8(data, paths[0] if len(paths) == 1 else Path("+".join(p.name for p in paths[:3])), 0)
+    parts, left = [], limit_bytes or float("inf")
+    for path in paths:
+        if left <= 0:
+            break
+        data = path.read_bytes()
+        if len(data) > left:
+            data = data[: int(left)]
+            data = data[: len(data.decode("utf-8", "ignore").encode())]  # do not cut a character in two
+        parts.append(decode_utf8(data, path, 0))
+        left -= len(data)
+    return "".join(parts)
 
 
 def _print_stats(tokenizer, paths: list[Path], name: str, gpt2_dir: str | None, limit: int, top: int) -> None:
@@ -45,8 +88,12 @@ def _print_stats(tokenizer, paths: list[Path], name: str, gpt2_dir: str | None, 
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from scratchlm.atomic import check_directory_target
     from scratchlm.tokenizer import Tokenizer, train_bpe
+    from scratchlm.tokenizer.bpe import TOKENIZER_FILES, check_special_tokens
 
+    check_special_tokens(args.special_token)
+    check_directory_target(args.out, TOKENIZER_FILES)  # before training, not after
     paths = _corpus_files(args.corpus)
     size = sum(p.stat().st_size for p in paths)
     print(f"training byte-level BPE: {len(paths)} file(s), {size / 1e6:.1f} MB, vocab_size {args.vocab_size:,}")
@@ -55,7 +102,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - start
     tokenizer = Tokenizer(vocab, merges, args.special_token)
     tokenizer.save(args.out)
-    print(f"trained in {elapsed:.1f} s ({size / 1e6 / elapsed:.1f} MB/s); saved to {args.out}/ "
+    print(f"trained in {elapsed:.1f} s ({size / 1e6 / max(elapsed, 1e-9):.1f} MB/s); saved to {args.out}/ "
           "(vocab.json, merges.txt, tokenizer.json)")  # fmt: skip
     _print_stats(tokenizer, paths, "the training corpus", args.gpt2_dir, args.stats_bytes, args.top)
 
@@ -70,7 +117,7 @@ def cmd_tokenizer_encode(args: argparse.Namespace) -> None:
     meta = encode_files(tokenizer, paths, args.out, workers=args.workers, eot_after_each_file=not args.no_eot)
     elapsed = time.perf_counter() - start
     print(f"{meta['tokens']:,} tokens ({meta['dtype']}) from {meta['bytes']:,} bytes in {elapsed:.1f} s "
-          f"({meta['bytes'] / 1e6 / elapsed:.1f} MB/s) -> {args.out}")  # fmt: skip
+          f"({meta['bytes'] / 1e6 / max(elapsed, 1e-9):.1f} MB/s) -> {args.out}")  # fmt: skip
 
 
 def cmd_tokenizer_stats(args: argparse.Namespace) -> None:
@@ -96,9 +143,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from scratchlm.train.config import load_config
+
+    config = load_config(args.config, args.set or [])  # checked before torch is even imported
     from scratchlm.train.trainer import train
 
-    config = load_config(args.config, args.set or [])
     result = train(config, fresh=args.fresh)
     if result.get("interrupted"):
         raise SystemExit(130)
@@ -117,8 +165,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from scratchlm.infer import Sampling, generate, load_run
 
-    model, tokenizer, _, step = load_run(args.run, args.device)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed, args.stop or ())
+    model, tokenizer, _, step = load_run(args.run, args.device)
     prompts = args.prompt
     stream = len(prompts) == 1
     if stream:
@@ -164,7 +212,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from scratchlm.infer.export import export_huggingface
 
     model, _, config, step = load_run(args.run, "cpu")
-    out = export_huggingface(model, args.out, config.data.tokenizer)
+    out = export_huggingface(model, args.out, config.data.tokenizer, force=args.force)
     print(f"exported {args.run} (step {step}) to {out}/: model.safetensors, config.json, tokenizer.json")
     print(f"load it with: transformers.LlamaForCausalLM.from_pretrained({str(out)!r})")
 
@@ -176,12 +224,14 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scratchlm", description=__doc__)
+    parser = Parser(prog="scratchlm", description=__doc__)
     stages = parser.add_subparsers(dest="stage", required=True)
 
     run = stages.add_parser("speedrun", help="the whole pipeline: text -> tokenizer -> model -> samples -> report.md")
     run.add_argument("--corpus", default="shakespeare", help="'shakespeare' (default), a text file or a folder")
-    run.add_argument("--minutes", type=float, default=10.0, help="training budget (default 10)")
+    run.add_argument(
+        "--minutes", type=number(float, 0, low_open=True), default=10.0, help="training budget (default 10)"
+    )
     run.add_argument("--out", default="runs/speedrun", help="output directory (default runs/speedrun)")
     run.add_argument("--preset", choices=["cpu", "gpu", "tiny"], default=None, help="default: gpu on CUDA, else cpu")
     run.add_argument("--device", default="auto")
@@ -192,17 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     def stats_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--gpt2-dir", help="folder with gpt2_vocab.json + gpt2_merges.txt for the GPT-2 row")
-        p.add_argument("--stats-bytes", type=int, default=2_000_000, help="measure on the first N bytes")
-        p.add_argument("--top", type=int, default=10, help="how many of the longest tokens to list")
+        p.add_argument("--stats-bytes", type=number(int, 1), default=2_000_000, help="measure on the first N bytes")
+        p.add_argument("--top", type=number(int, 0), default=10, help="how many of the longest tokens to list")
 
     train = tok_cmds.add_parser("train", help="train a tokenizer on text files and print its statistics")
     train.add_argument("--corpus", nargs="+", default=["shakespeare"],
                        help="'shakespeare' (default), text files, or folders of .txt files")  # fmt: skip
-    train.add_argument("--vocab-size", type=int, default=10_000)
+    train.add_argument("--vocab-size", type=number(int, 1), default=10_000)
     train.add_argument("--special-token", action="append", default=None,
                        help=f"a special token (repeatable; default {DEFAULT_SPECIAL})")  # fmt: skip
     train.add_argument("--out", default="runs/tokenizer", help="output directory (default runs/tokenizer)")
-    train.add_argument("--workers", type=int, default=None, help="processes for pre-tokenization (default: all cores)")
+    train.add_argument(
+        "--workers", type=number(int, 1), default=None, help="processes for pre-tokenization (default: all cores)"
+    )
     stats_options(train)
     train.set_defaults(func=cmd_tokenizer_train)
 
@@ -210,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("inputs", nargs="+", help="text files, folders of .txt files, or 'shakespeare'")
     enc.add_argument("--tokenizer", required=True, help="tokenizer directory written by `tokenizer train`")
     enc.add_argument("--out", required=True, help="output token file, e.g. data/train.bin")
-    enc.add_argument("--workers", type=int, default=None)
+    enc.add_argument("--workers", type=number(int, 1), default=None)
     enc.add_argument("--no-eot", action="store_true", help="do not append <|endoftext|> after each file")
     enc.set_defaults(func=cmd_tokenizer_encode)
 
@@ -224,10 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmds = data.add_subparsers(dest="command", required=True)
     prep = data_cmds.add_parser("prepare", help="split by document, train a tokenizer, encode train/val")
     prep.add_argument("--corpus", nargs="+", default=["shakespeare"])
-    prep.add_argument("--vocab-size", type=int, default=10_000)
-    prep.add_argument("--val-fraction", type=float, default=0.05)
+    prep.add_argument("--vocab-size", type=number(int, 1), default=10_000)
+    prep.add_argument("--val-fraction", type=number(float, 0, 1, low_open=True, high_open=True), default=0.05)
     prep.add_argument("--out", default="data/shakespeare")
-    prep.add_argument("--workers", type=int, default=None)
+    prep.add_argument("--workers", type=number(int, 1), default=None)
     prep.set_defaults(func=cmd_data_prepare)
 
     tr = stages.add_parser("train", help="train a Transformer LM (resumes the run if it has a checkpoint)")
@@ -244,34 +296,37 @@ def build_parser() -> argparse.ArgumentParser:
     gen = stages.add_parser("generate", help="sample text from a trained run (streams; KV cache)")
     gen.add_argument("--run", required=True, help="run directory")
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    gen.add_argument("--max-new-tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
-    gen.add_argument("--top-p", type=float, default=0.95, help="1.0 = off")
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--max-new-tokens", type=number(int, 1), default=200)
+    gen.add_argument("--temperature", type=number(float, 0), default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=number(int, 0), default=0, help="keep the k most likely tokens; 0 = off")
+    gen.add_argument("--top-p", type=number(float, 0, 1), default=0.95,
+                     help="keep the most likely tokens holding this much probability; 1 = off, 0 = greedy")  # fmt: skip
+    gen.add_argument("--seed", type=number(int, 0), default=None)
     gen.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
     gen.add_argument("--device", default=None, help="override the run's device (e.g. cpu)")
     gen.set_defaults(func=cmd_generate)
 
     exp = stages.add_parser("export", help="export a run to the Hugging Face format (LlamaForCausalLM)")
     exp.add_argument("--run", required=True, help="run directory")
-    exp.add_argument("--out", required=True, help="output directory")
+    exp.add_argument("--out", required=True, help="output directory (new or empty, unless --force)")
+    exp.add_argument("--force", action="store_true", help="replace the files an earlier export wrote in --out")
     exp.set_defaults(func=cmd_export)
 
-    from scratchlm.account_report import DEVICES
-    from scratchlm.accounting import PRESETS
+    from scratchlm.model.config import MODEL_PRESETS
 
     acc = stages.add_parser("account", help="parameters, FLOPs, memory and time of a configuration")
     source = acc.add_mutually_exclusive_group()
-    source.add_argument("--preset", choices=sorted(PRESETS), default="gpt2-small")
+    source.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="gpt2-small")
     source.add_argument("--config", help="a TOML training config (its [model] section)")
     acc.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. model.n_layers=8")
-    acc.add_argument("--batch", type=int, default=8)
-    acc.add_argument("--seq", type=int, default=0, help="sequence length (default: the context length)")
-    acc.add_argument("--device", choices=DEVICES, default="h100")
-    acc.add_argument("--mfu", type=float, default=0.4)
-    acc.add_argument("--tokens", type=float, default=1e9, help="tokens to train on, for the time estimate")
-    acc.add_argument("--memory-gb", type=float, default=80.0, help="device memory for the largest batch")
+    acc.add_argument("--batch", type=number(int, 1), default=8)
+    acc.add_argument("--seq", type=number(int, 0), default=0, help="sequence length (default: the context length)")
+    acc.add_argument("--device", choices=ACCOUNT_DEVICES, default="h100")
+    acc.add_argument("--mfu", type=number(float, 0, 1, low_open=True), default=0.4, help="in (0, 1]")
+    acc.add_argument("--tokens", type=number(float, 0, low_open=True), default=1e9,
+                     help="tokens to train on, for the time estimate")  # fmt: skip
+    acc.add_argument("--memory-gb", type=number(float, 0, low_open=True), default=80.0,
+                     help="device memory for the largest batch")  # fmt: skip
     acc.add_argument("--json", action="store_true", help="machine-readable output")
     acc.add_argument(
         "--remeasure-peak", action="store_true", help="measure the local CPU's matmul peak again and cache it"
@@ -281,10 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "special_token", "unset") is None:
-        args.special_token = [DEFAULT_SPECIAL]
+    """Run one command. Every failure ends in one `scratchlm: error: ...` line and a non-zero exit:
+    1 for bad input or a failed step, 2 for a usage error, 130 for Ctrl-C; never a traceback for those."""
     try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "special_token", "unset") is None:
+            args.special_token = [DEFAULT_SPECIAL]
         args.func(args)
     except ScratchLMError as exc:
         print(f"scratchlm: error: {exc}", file=sys.stderr)
@@ -292,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("scratchlm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `scratchlm ... | head`: the reader left, nothing more to say
+        sys.stderr.close()
+        return 141
+    except OSError as exc:  # a full disk, a read-only mount, no permission: say which file and why
+        print(f"scratchlm: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
     return 0
 
 

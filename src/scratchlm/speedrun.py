@@ -136,10 +136,7 @@ def stage_data(paths: list[Path], out: SpeedrunPaths, vocab_size: int, val_fract
         if info.get("inputs") == key:
             print(f"cached: {out.data}/ (same corpus and vocabulary size)")
             return info
-    info = prepare(paths, out.data, vocab_size, val_fraction)
-    info["inputs"] = key
-    atomic_write_text(split_file, json.dumps(info, indent=1) + "\n")  # written last: marks the stage done
-    return info
+    return prepare(paths, out.data, vocab_size, val_fraction, extra={"inputs": key})
 
 
 def build_config(preset: str, out: SpeedrunPaths, minutes: float, device: str) -> TrainConfig:
@@ -163,6 +160,8 @@ def run_speedrun(
     from scratchlm.train.trainer import train
 
     started = time.perf_counter()
+    if not minutes > 0 or minutes == float("inf"):
+        raise ScratchLMError(f"minutes: expected a finite number > 0, got {minutes!r}")
     torch_device = resolve_device(device)
     preset = preset or ("gpu" if torch_device.type == "cuda" else "cpu")
     if preset not in PRESETS:
@@ -198,7 +197,9 @@ def run_speedrun(
           f"bits per byte {evaluation['bits_per_byte']:.4f}")  # fmt: skip
     model, tokenizer, _, _ = load_run(out.run)
     prompts = SHAKESPEARE_PROMPTS if corpus == "shakespeare" else _prompts_from(out.data, tokenizer)
-    budget = max(1, min(120, config.model.context_length - max(len(tokenizer.encode(p)) for p in prompts)))
+    context = config.model.context_length
+    prompts = [fit_prompt(tokenizer, p, max(1, context // 2)) for p in prompts]
+    budget = max(1, min(120, context - max(len(tokenizer.encode(p)) for p in prompts)))
     samples, _ = generate(
         model, tokenizer, prompts, Sampling(temperature=0.8, top_p=0.95, max_new_tokens=budget, seed=0)
     )
@@ -209,6 +210,18 @@ def run_speedrun(
     report = write_report(out, config, info, prediction, evaluation, samples, corpus, preset, minutes, started)
     print(f"wrote {report}")
     return report
+
+
+def fit_prompt(tokenizer, prompt: str, max_tokens: int) -> str:
+    """`prompt` cut from the left, at a word where it can be, to at most `max_tokens` tokens (at least
+    one character stays), so that any preset's context holds it and a continuation."""
+    words = prompt.split(" ")
+    while len(words) > 1 and len(tokenizer.encode(" ".join(words))) > max_tokens:
+        words = words[1:]
+    text = " ".join(words)
+    while len(text) > 1 and len(tokenizer.encode(text)) > max_tokens:
+        text = text[1:]
+    return text
 
 
 def _prompts_from(data_dir: Path, tokenizer) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from scratchlm.atomic import atomic_open, atomic_write_text
+from scratchlm.atomic import atomic_open, atomic_write_text, check_writable
 from scratchlm.errors import ScratchLMError
 from scratchlm.parallel import map_bounded
 from scratchlm.tokenizer.bpe import Tokenizer
@@ -65,6 +65,9 @@ def encode_files(
         if not path.is_file():
             raise ScratchLMError(f"input file not found: {path}")
     out_path = Path(out_path)
+    if out_path.is_dir():
+        raise ScratchLMError(f"{out_path} is a directory: expected the name of a token file, e.g. {out_path}/train.bin")
+    check_writable(out_path.parent)
     dtype = token_dtype(tokenizer.vocab_size)
     eot_id = tokenizer.special_ids.get(EOT) if eot_after_each_file else None
     specials = tokenizer.special_tokens
@@ -119,16 +122,38 @@ def sidecar_path(token_path: str | os.PathLike) -> Path:
 
 
 def load_tokens(token_path: str | os.PathLike) -> tuple[np.memmap, dict]:
-    """Memory-map a token array and read its sidecar."""
+    """Memory-map a token array after checking it against its sidecar: the dtype is the one the
+    tokenizer's vocabulary needs, and the file holds exactly `tokens` ids of that dtype."""
     token_path = Path(token_path)
     meta_path = sidecar_path(token_path)
     try:
         meta = json.loads(meta_path.read_text("utf-8"))
-        dtype = np.dtype(meta["dtype"])
     except FileNotFoundError:
         raise ScratchLMError(f"{meta_path} is missing: encode the corpus with `scratchlm tokenizer encode`") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ScratchLMError(f"{meta_path}: not a token-array sidecar ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ScratchLMError(f"{meta_path}: not a token-array sidecar (expected a JSON object)")
+    for key, kind in (("tokenizer", str), ("vocab_size", int), ("dtype", str), ("tokens", int)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            expected = "a string" if kind is str else "an integer"
+            raise ScratchLMError(
+                f"{meta_path}: not a token-array sidecar: field {key!r} is {meta.get(key)!r}, expected {expected}"
+            )
+    expected = token_dtype(meta["vocab_size"])
+    if meta["dtype"] != expected.name:
+        raise ScratchLMError(
+            f"{meta_path}: field 'dtype' is {meta['dtype']!r}, expected {expected.name!r} "
+            f"(the dtype for a vocabulary of {meta['vocab_size']:,} tokens)"
+        )
     if not token_path.is_file():
         raise ScratchLMError(f"token array not found: {token_path}")
-    return np.memmap(token_path, dtype=dtype, mode="r"), meta
+    size, want = token_path.stat().st_size, meta["tokens"] * expected.itemsize
+    if meta["tokens"] < 0 or size != want:
+        raise ScratchLMError(
+            f"{token_path}: holds {size:,} bytes, but its sidecar says {meta['tokens']:,} {expected.name} tokens "
+            f"({want:,} bytes): the file is truncated or not the one the sidecar describes; encode it again"
+        )
+    if size == 0:
+        raise ScratchLMError(f"{token_path}: holds no tokens")
+    return np.memmap(token_path, dtype=expected, mode="r"), meta

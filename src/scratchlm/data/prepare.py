@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from scratchlm.atomic import atomic_write_text
+from scratchlm.atomic import atomic_directory, atomic_write_text, check_directory_target
 from scratchlm.data.encode import encode_files
 from scratchlm.errors import ScratchLMError
 from scratchlm.tokenizer import Tokenizer, train_bpe
@@ -42,26 +42,44 @@ def split_documents(paths: list[Path], val_fraction: float) -> tuple[list[Path],
     return sorted(train), sorted(val)
 
 
+PREPARED_FILES = ("tokenizer", "train.bin", "train.json", "val.bin", "val.json", "split.json")  # what prepare writes
+
+
 def prepare(
-    paths: list[Path], out_dir: str | os.PathLike, vocab_size: int, val_fraction: float = 0.05, workers=None
+    paths: list[Path],
+    out_dir: str | os.PathLike,
+    vocab_size: int,
+    val_fraction: float = 0.05,
+    workers=None,
+    extra: dict | None = None,
 ) -> dict:
-    """Split, train the tokenizer on the training documents, encode both splits. Returns split info."""
-    out = Path(out_dir)
+    """Split, train the tokenizer on the training documents, encode both splits. Returns split info
+    (also written to `split.json`, with `extra` added). The directory is written as a unit: a crash
+    leaves the previous one (or none), never a tokenizer beside arrays encoded with another."""
+    if not 0 < val_fraction < 1:
+        raise ScratchLMError(f"val_fraction: expected a number in (0, 1), got {val_fraction!r}")
     train_paths, val_paths = split_documents(paths, val_fraction)
+    check_directory_target(out_dir, PREPARED_FILES)
     vocab, merges = train_bpe(train_paths, vocab_size, [EOT], workers=workers, progress=True)
     tokenizer = Tokenizer(vocab, merges, [EOT])
-    tokenizer.save(out / "tokenizer")
-    train_meta = encode_files(tokenizer, train_paths, out / "train.bin", workers=workers)
-    val_meta = encode_files(tokenizer, val_paths, out / "val.bin", workers=workers)
-    info = {
-        "tokenizer": tokenizer.fingerprint,
-        "vocab_size": tokenizer.vocab_size,
-        "train": {
-            "documents": [p.name for p in train_paths],
-            "bytes": train_meta["bytes"],
-            "tokens": train_meta["tokens"],
-        },
-        "val": {"documents": [p.name for p in val_paths], "bytes": val_meta["bytes"], "tokens": val_meta["tokens"]},
-    }
-    atomic_write_text(out / "split.json", json.dumps(info, indent=1) + "\n")
+    with atomic_directory(out_dir, PREPARED_FILES) as out:
+        tokenizer.save(out / "tokenizer")
+        train_meta = encode_files(tokenizer, train_paths, out / "train.bin", workers=workers)
+        val_meta = encode_files(tokenizer, val_paths, out / "val.bin", workers=workers)
+        info = {
+            "tokenizer": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size,
+            "train": {
+                "documents": [p.name for p in train_paths],
+                "bytes": train_meta["bytes"],
+                "tokens": train_meta["tokens"],
+            },
+            "val": {
+                "documents": [p.name for p in val_paths],
+                "bytes": val_meta["bytes"],
+                "tokens": val_meta["tokens"],
+            },
+            **(extra or {}),
+        }
+        atomic_write_text(out / "split.json", json.dumps(info, indent=1) + "\n")
     return info

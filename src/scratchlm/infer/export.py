@@ -9,16 +9,18 @@ turns one into the other, and since q.k is a sum over the same pairs either way,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from scratchlm.atomic import atomic_write_text
+from scratchlm.atomic import atomic_directory, atomic_write_bytes, atomic_write_text
 from scratchlm.errors import ScratchLMError
-from scratchlm.model.transformer import ModelConfig, TransformerLM
+from scratchlm.model.config import ModelConfig
+from scratchlm.model.transformer import TransformerLM
+from scratchlm.tokenizer.bpe import TOKENIZER_FILES, Tokenizer
 
 
 def _pairs_to_halves(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -78,20 +80,38 @@ def llama_state_dict(model: TransformerLM) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous().cpu() for name, tensor in out.items()}
 
 
+EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "vocab.json", "merges.txt")
+
+
 def export_huggingface(
-    model: TransformerLM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None
+    model: TransformerLM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None, force: bool = False
 ) -> Path:
-    """Write model.safetensors, config.json and (if given) the tokenizer files into `out_dir`."""
+    """Write model.safetensors, config.json and (if given) the tokenizer files into `out_dir`.
+
+    `out_dir` must be new or empty; with `force` an earlier export there is replaced. The export is
+    written as a unit (a temporary directory renamed into place) unless `out_dir` also holds files the
+    export did not write: those are never removed, and the export's files are replaced one by one.
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config = llama_config(model.config)
-    tmp = out / ".model.safetensors.tmp"
-    save_file(llama_state_dict(model), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
-    atomic_write_text(out / "config.json", json.dumps(config, indent=1) + "\n")
+    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if existing and not force:
+        raise ScratchLMError(
+            f"{out} is not empty ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}): "
+            "give a new or empty directory, or --force to replace an earlier export there"
+        )
     if tokenizer_dir is not None:
-        for name in ("tokenizer.json", "vocab.json", "merges.txt"):
-            shutil.copyfile(Path(tokenizer_dir) / name, out / name)
+        Tokenizer.load(tokenizer_dir)  # its files agree, before anything is written
+    foreign = [name for name in existing if name not in EXPORT_FILES]
+    with contextlib.ExitStack() as stack:
+        target = out if foreign else stack.enter_context(atomic_directory(out, EXPORT_FILES))
+        staged = target / ".model.safetensors.tmp"  # safetensors writes by name: stage it, then rename
+        save_file(llama_state_dict(model), str(staged), metadata={"format": "pt"})
+        os.replace(staged, target / "model.safetensors")
+        atomic_write_text(target / "config.json", json.dumps(config, indent=1) + "\n")
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                atomic_write_bytes(target / name, (Path(tokenizer_dir) / name).read_bytes())
     return out

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from scratchlm.checks import ConfigError, at_least, between, check_fields
 from scratchlm.errors import ScratchLMError
 
 EOT = "<|endoftext|>"
@@ -29,14 +30,22 @@ EOT = "<|endoftext|>"
 
 @dataclass
 class Sampling:
-    """temperature 0 = greedy. top_k 0 = off. top_p 1.0 = off."""
+    """How the next token is chosen. temperature: the logits are divided by it; 0 = greedy (always the
+    most likely token). top_k: sample among the k most likely tokens; 0 = off. top_p (nucleus): sample
+    among the fewest most likely tokens whose probabilities sum to at least top_p; 1 = off, 0 = only the
+    most likely token (greedy). Out-of-range values raise `ScratchLMError` naming the field."""
 
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 0.95
-    max_new_tokens: int = 200
-    seed: int | None = None
+    temperature: float = field(default=0.8, metadata=at_least(0))
+    top_k: int = field(default=0, metadata=at_least(0))
+    top_p: float = field(default=0.95, metadata=between(0, 1))
+    max_new_tokens: int = field(default=200, metadata=at_least(1))
+    seed: int | None = field(default=None, metadata=at_least(0))
     stop: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
+            raise ConfigError("stop", f"expected a list of non-empty strings, got {self.stop!r}")
 
 
 @dataclass
@@ -76,6 +85,7 @@ def sample_next(logits: Tensor, sampling: Sampling, generator: torch.Generator |
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token when the tokens ranked above it already hold top_p of the mass (keeps at least one).
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= sampling.top_p
+        drop_sorted[:, 0] = False  # the most likely token always stays (top_p 0: greedy)
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -91,6 +101,8 @@ def generate(
 ) -> tuple[list[Generation], GenerationStats]:
     """Generate a continuation for each prompt. `on_text(i, piece)` streams decoded text as it comes."""
     sampling = sampling or Sampling()
+    if isinstance(prompts, str) or not prompts:
+        raise ScratchLMError(f"prompts: expected a non-empty list of strings, got {prompts!r}")
     model.eval()
     device = model.lm_head.weight.device
     context = model.config.context_length
@@ -181,7 +193,7 @@ def load_run(run_dir: str | os.PathLike, device: str | None = None):
     from scratchlm.tokenizer import Tokenizer
     from scratchlm.train.checkpoint import latest_checkpoint, load_checkpoint
     from scratchlm.train.config import load_config
-    from scratchlm.train.trainer import build_model
+    from scratchlm.train.trainer import build_model, restore
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
@@ -193,6 +205,6 @@ def load_run(run_dir: str | os.PathLike, device: str | None = None):
     torch_device = resolve_device(config.device)
     model = build_model(config, torch_device)
     state = load_checkpoint(checkpoint, map_location=torch_device)
-    model.load_state_dict(state["model"])
+    restore(model, state, checkpoint, config)
     model.eval()
     return model, Tokenizer.load(config.data.tokenizer), config, state["step"]

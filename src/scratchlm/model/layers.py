@@ -161,11 +161,6 @@ def silu(x: Tensor) -> Tensor:
     return x * torch.sigmoid(x)
 
 
-def default_d_ff(d_model: int) -> int:
-    """About 8/3 d_model, rounded to a multiple of 64 (keeps SwiGLU's parameters near a 4x MLP's)."""
-    return max(64, round(8 * d_model / 3 / 64) * 64)
-
-
 class SwiGLU(nn.Module):
     """W2(SiLU(W1 x) * W3 x). w1, w3: (d_ff, d_model); w2: (d_model, d_ff).
     fused: SiLU(.) * . as one kernel (`kernels.swiglu_activation`)."""

@@ -5,12 +5,10 @@ and the LM head. State-dict names read like the architecture: `token_embeddings.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 
+from scratchlm.model.config import ModelConfig
 from scratchlm.model.head import lm_head_cross_entropy
 from scratchlm.model.layers import (
     CausalSelfAttention,
@@ -22,41 +20,8 @@ from scratchlm.model.layers import (
     RotaryEmbedding,
     SiLUFFN,
     SwiGLU,
-    default_d_ff,
 )
 from scratchlm.train.loss import cross_entropy
-
-
-@dataclass
-class ModelConfig:
-    """The shape and the options of a TransformerLM."""
-
-    vocab_size: int = 10_000
-    context_length: int = 256
-    d_model: int = 512
-    n_layers: int = 4
-    n_heads: int = 16
-    n_kv_heads: int | None = None  # grouped-query attention when < n_heads
-    d_ff: int | None = None  # default: about 8/3 d_model, a multiple of 64
-    rope_theta: float = 10_000.0
-    tie_embeddings: bool = False
-    norm_position: Literal["pre", "post"] = "pre"
-    position_embedding: Literal["rope", "none"] = "rope"
-    ffn: Literal["swiglu", "silu"] = "swiglu"
-    fused_kernels: bool = True  # F.scaled_dot_product_attention and F.rms_norm where they exist
-    dropout: float = 0.0  # while training: on the embeddings, each residual branch and the attention weights
-
-    def __post_init__(self) -> None:
-        if self.d_ff is None:
-            self.d_ff = default_d_ff(self.d_model)
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be at least 0 and below 1, got {self.dropout}")
-
-    @property
-    def d_head(self) -> int:
-        return self.d_model // self.n_heads
 
 
 class TransformerBlock(nn.Module):

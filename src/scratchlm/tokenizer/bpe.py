@@ -14,13 +14,14 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from scratchlm.atomic import atomic_write_text
+from scratchlm.atomic import atomic_directory, atomic_write_text
 from scratchlm.errors import ScratchLMError
 from scratchlm.tokenizer import fast, formats
 from scratchlm.tokenizer.pretokenize import SpecialTokenSplitter
 
 CACHE_LIMIT = 1 << 20  # distinct pre-tokens remembered before the cache is cleared
 STREAM_BUFFER = 1 << 16  # characters gathered by encode_iterable before it looks for a cut
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")  # what `save` writes
 
 
 class _PieceCache(dict):
@@ -52,6 +53,7 @@ class Tokenizer:
     ) -> None:
         self.vocab = dict(vocab)
         self.merges = list(merges)
+        check_special_tokens(special_tokens or [])
         self.special_tokens = list(dict.fromkeys(special_tokens or []))
         self._id_of: dict[bytes, int] = {}
         for token_id in sorted(self.vocab):  # on duplicate byte strings the lowest id wins
@@ -101,24 +103,45 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
-        """Load a tokenizer directory written by `save` (special tokens come from `tokenizer.json`)."""
+        """Load a tokenizer directory written by `save` (special tokens come from `tokenizer.json`),
+        checking that its three files describe one tokenizer."""
         directory = Path(directory)
         hf_path = directory / "tokenizer.json"
         if not hf_path.is_file():
             raise ScratchLMError(f"{directory} is not a tokenizer directory: {hf_path.name} is missing")
         try:
-            specials = [t["content"] for t in json.loads(hf_path.read_text("utf-8"))["added_tokens"]]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ScratchLMError(f"{hf_path}: expected a tokenizer.json with 'added_tokens' ({exc})") from None
-        return cls.from_files(directory / "vocab.json", directory / "merges.txt", specials)
+            hf = json.loads(hf_path.read_text("utf-8"))
+            specials = [t["content"] for t in hf["added_tokens"]]
+            hf_model = hf["model"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ScratchLMError(
+                f"{hf_path}: expected a tokenizer.json with 'added_tokens' and 'model' ({exc})"
+            ) from None
+        tokenizer = cls.from_files(directory / "vocab.json", directory / "merges.txt", specials)
+        tokenizer._check_matches(hf_model, hf_path)
+        return tokenizer
+
+    def _check_matches(self, hf_model: dict, hf_path: Path) -> None:
+        """Raise unless a tokenizer.json's vocabulary and merges are this tokenizer's (a directory whose
+        files come from two tokenizers must not load)."""
+        expected = formats.huggingface_json(self.vocab, self.merges, self.special_ids)["model"]
+        merges = [m.split(" ") if isinstance(m, str) else m for m in hf_model.get("merges") or []]
+        if hf_model.get("vocab") != expected["vocab"]:
+            what = f"its vocabulary ({len(hf_model.get('vocab') or {}):,} tokens) differs from vocab.json's"
+        elif merges != expected["merges"]:
+            what = f"its merges ({len(merges):,}) differ from merges.txt's ({len(expected['merges']):,})"
+        else:
+            return
+        raise ScratchLMError(f"{hf_path}: {what}: the directory mixes files of two tokenizers; train or save it again")
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write `vocab.json`, `merges.txt` (GPT-2 format) and a Hugging Face `tokenizer.json`."""
-        directory = Path(directory)
-        formats.write_vocab_json(directory / "vocab.json", self.vocab, self.special_tokens)
-        formats.write_merges_txt(directory / "merges.txt", self.merges)
-        hf = formats.huggingface_json(self.vocab, self.merges, self.special_ids)
-        atomic_write_text(directory / "tokenizer.json", json.dumps(hf, ensure_ascii=False) + "\n")
+        """Write `vocab.json`, `merges.txt` (GPT-2 format) and a Hugging Face `tokenizer.json`, as a
+        unit: into a temporary directory renamed into place, so a crash never mixes two tokenizers."""
+        with atomic_directory(directory, TOKENIZER_FILES) as tmp:
+            formats.write_vocab_json(tmp / "vocab.json", self.vocab, self.special_tokens)
+            formats.write_merges_txt(tmp / "merges.txt", self.merges)
+            hf = formats.huggingface_json(self.vocab, self.merges, self.special_ids)
+            atomic_write_text(tmp / "tokenizer.json", json.dumps(hf, ensure_ascii=False) + "\n")
 
     def to_tiktoken(self, name: str = "scratchlm"):
         """A `tiktoken.Encoding` that gives the same ids (special tokens allowed via `allowed_special`)."""
@@ -183,12 +206,28 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        ids = list(ids)
+        """ids: a list of ints, or a 1-D numpy array or torch tensor of integers."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy / torch: plain ints
         try:
             return b"".join(map(self.vocab.__getitem__, ids))
         except (KeyError, TypeError):
             bad = next(i for i in ids if not isinstance(i, int) or i not in self.vocab)
-            raise ScratchLMError(f"token id {bad!r} is outside the vocabulary (ids 0..{self.vocab_size - 1})") from None
+            if isinstance(bad, int):
+                raise ScratchLMError(
+                    f"token id {bad} is outside the vocabulary (ids 0..{self.vocab_size - 1})"
+                ) from None
+            raise ScratchLMError(f"token ids must be integers, got {bad!r} ({type(bad).__name__})") from None
+
+
+def check_special_tokens(tokens: Sequence[str]) -> None:
+    """Special tokens are a list of non-empty strings (an empty one would match between every two bytes)."""
+    if isinstance(tokens, str | bytes):
+        raise ScratchLMError(
+            f"special tokens: expected a list of strings, got the single {type(tokens).__name__} {tokens!r}"
+        )
+    for token in tokens:
+        if not isinstance(token, str) or not token:
+            raise ScratchLMError(f"special token {token!r}: expected a non-empty string")
 
 
 def _surrogate_error(text: str) -> ScratchLMError:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from scratchlm.errors import ScratchLMError
 from scratchlm.parallel import map_bounded
 from scratchlm.tokenizer import fast
+from scratchlm.tokenizer.bpe import check_special_tokens
 from scratchlm.tokenizer.pretokenize import SpecialTokenSplitter, decode_utf8, read_chunks
 
 try:
@@ -82,6 +83,7 @@ def train_bpe_from_counts(
     use_c: bool = True,
 ) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
     """Learn merges from pre-token counts. Ids: 0-255 bytes, then special tokens, then merges."""
+    check_special_tokens(special_tokens)
     special_tokens = list(dict.fromkeys(special_tokens))
     vocab: dict[int, bytes] = {i: bytes([i]) for i in range(256)}
     for token in special_tokens:
@@ -207,6 +209,9 @@ def train_bpe(
     for path in paths:
         if not path.is_file():
             raise ScratchLMError(f"input file not found: {path}")
+    check_special_tokens(special_tokens)
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+        raise ScratchLMError(f"vocab_size: expected an integer, got {vocab_size!r}")
     if vocab_size < 256 + len(set(special_tokens)):
         train_bpe_from_counts({}, vocab_size, special_tokens)  # raises the clear error
     word_counts = count_pretokens(paths, special_tokens, workers, progress)

@@ -8,7 +8,9 @@ the newest one and is replaced only after that file is complete. Loading uses
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -16,33 +18,87 @@ import torch
 from scratchlm.atomic import atomic_open, atomic_write_text
 from scratchlm.errors import ScratchLMError
 
+# Fields a run may change between a checkpoint and its continuation (the weights and the optimizer's
+# state still fit): how it runs (kernels, dropout, the context it trains or evaluates at) and, of the
+# optimizer, everything but which optimizer it is.
+FREE_TO_CHANGE = {
+    "model": ("fused_kernels", "dropout", "context_length"),
+    "optim": ("lr", "min_lr", "warmup_steps", "betas", "eps", "weight_decay", "grad_clip"),
+}
+
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, keep: int = 2) -> Path:
-    """Write `checkpoints/step_<step>.pt`, point `latest` at it, keep the newest `keep` files."""
+    """Write `checkpoints/step_<step>.pt`, point `latest` at it, keep the newest `keep` files.
+
+    A failed write (a full disk) raises a clear error and leaves the previous checkpoint the latest."""
     directory = Path(run_dir) / "checkpoints"
     path = directory / f"step_{step:07d}.pt"
-    with atomic_open(path) as f:
-        torch.save(state, f)
-    atomic_write_text(directory / "latest", path.name + "\n")
+    try:
+        with atomic_open(path) as f:
+            torch.save(state, f)
+        atomic_write_text(directory / "latest", path.name + "\n")
+    except (OSError, RuntimeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        if "enforce fail" in reason or "file write failed" in reason:  # torch's zip writer hides the errno
+            reason = f"the write failed ({shutil.disk_usage(directory).free / 2**20:,.0f} MiB free on that disk)"
+        previous = latest_checkpoint(run_dir)
+        raise ScratchLMError(
+            f"could not write checkpoint {path}: {reason}; the latest checkpoint is still "
+            f"{previous.name if previous else 'none'}"
+        ) from None
     for old in sorted(directory.glob("step_*.pt"))[:-keep]:
         old.unlink(missing_ok=True)
     return path
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint `checkpoints/latest` names, or None for a run without one."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.is_file():
         return None
-    path = pointer.parent / pointer.read_text().strip()
-    if not path.is_file():
-        raise ScratchLMError(f"{pointer} names {path.name}, which is missing")
+    name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    if not name:
+        raise ScratchLMError(f"{pointer} is empty: expected the name of a checkpoint file such as step_0000100.pt")
+    path = pointer.parent / name
+    if "/" in name or not path.is_file():
+        raise ScratchLMError(f"{pointer} names {name!r}, which is not a file in {pointer.parent}")
     return path
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise ScratchLMError(f"checkpoint not found: {path}") from None
     except Exception as exc:  # a truncated or foreign file: say which and why
-        raise ScratchLMError(f"{path}: not a readable scratchlm checkpoint ({type(exc).__name__}: {exc})") from None
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise ScratchLMError(f"{path}: not a readable scratchlm checkpoint ({type(exc).__name__}: {reason})") from None
+    missing = [key for key in ("model", "step") if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ScratchLMError(f"{path}: not a scratchlm checkpoint (no {missing[0]!r} entry)")
+    return state
+
+
+def check_compatible(state: dict, config, path: Path, fields: tuple[str, ...] = ("model",)) -> None:
+    """Raise, naming each difference, unless the checkpoint was made with the same `fields` of the
+    config (the model's shape; for resuming training, also the optimizer) as `config` has."""
+    from scratchlm.train.config import load_config_text
+
+    if not state.get("config"):
+        return  # nothing recorded to compare with; load_state_dict still checks the shapes
+    saved = load_config_text(state["config"], f"{path} (its config)")
+    differences = []
+    for section in fields:
+        ours, theirs = getattr(config, section), getattr(saved, section)
+        for f in dataclasses.fields(ours):
+            if f.name in FREE_TO_CHANGE.get(section, ()):
+                continue
+            if getattr(ours, f.name) != getattr(theirs, f.name):
+                differences.append(
+                    f"{section}.{f.name} is {getattr(theirs, f.name)!r} there, {getattr(ours, f.name)!r} here"
+                )
+    if differences:
+        raise ScratchLMError(
+            f"{path} does not fit this config: {'; '.join(differences)} "
+            "(use the run's own config, or start over with --fresh)"
+        )

@@ -1,7 +1,8 @@
 """Typed run configuration: dataclasses, loaded from TOML, overridden with `--set section.key=value`.
 
-Every value is checked against its field's type; a wrong key or type names the file, the field and
-what was expected.
+Every value is checked against its field's type and range (declared beside the field, `scratchlm.checks`);
+a wrong key, type or value names where it came from (the file or the `--set`), the field and what was
+expected.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import dataclasses
 import tomllib
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from scratchlm.checks import ConfigError, above, at_least, between, check_fields
 from scratchlm.errors import ScratchLMError
-from scratchlm.model.transformer import ModelConfig
+from scratchlm.model.config import ModelConfig
 
 
 @dataclass
@@ -26,17 +29,27 @@ class DataConfig:
     val_tokens: str = "data/shakespeare/val.bin"
     tokenizer: str = "data/shakespeare/tokenizer"
 
+    def __post_init__(self) -> None:
+        for name in ("train_tokens", "val_tokens", "tokenizer"):
+            if not getattr(self, name).strip():
+                raise ConfigError(name, "expected a path, got an empty string")
+
 
 @dataclass
 class OptimConfig:
     name: Literal["adamw", "sgd", "adagrad"] = "adamw"
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 100
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # 0 disables clipping
+    lr: float = field(default=3e-3, metadata=above(0))
+    min_lr: float = field(default=3e-4, metadata=at_least(0))
+    warmup_steps: int = field(default=100, metadata=at_least(0))
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata=between(0, 1, high_open=True))
+    eps: float = field(default=1e-8, metadata=above(0))
+    weight_decay: float = field(default=0.1, metadata=at_least(0))
+    grad_clip: float = field(default=1.0, metadata=at_least(0))  # 0 disables clipping
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.min_lr > self.lr:
+            raise ConfigError(("min_lr", "lr"), f"min_lr ({self.min_lr:g}) must not exceed lr ({self.lr:g})")
 
 
 @dataclass
@@ -44,20 +57,26 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    batch_size: int = 16
-    grad_accum_steps: int = 1
-    max_steps: int = 2000
-    max_minutes: float = 0.0  # > 0: a wall-clock budget; the schedule is fitted to it, and re-fitted at each eval
-    eval_every: int = 200
-    eval_tokens: int = 200_000
-    log_every: int = 10
-    checkpoint_every: int = 500
-    seed: int = 0
+    batch_size: int = field(default=16, metadata=at_least(1))
+    grad_accum_steps: int = field(default=1, metadata=at_least(1))
+    max_steps: int = field(default=2000, metadata=at_least(1))
+    # > 0: a wall-clock budget; the schedule is fitted to it, and re-fitted at each eval
+    max_minutes: float = field(default=0.0, metadata=at_least(0))
+    eval_every: int = field(default=200, metadata=at_least(1))
+    eval_tokens: int = field(default=200_000, metadata=at_least(1))
+    log_every: int = field(default=10, metadata=at_least(1))
+    checkpoint_every: int = field(default=500, metadata=at_least(1))
+    seed: int = field(default=0, metadata=at_least(0))
     device: str = "auto"
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # bfloat16 = autocast on CUDA; CPU always float32
     compile: Literal["auto", "yes", "no"] = "auto"
-    threads: int = 0  # CPU threads; 0 = all cores
+    threads: int = field(default=0, metadata=at_least(0))  # CPU threads; 0 = all cores
     out_dir: str = "runs/shakespeare"
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.out_dir.strip():
+            raise ConfigError("out_dir", "expected a directory, got an empty string")
 
     @property
     def tokens_per_step(self) -> int:
@@ -65,8 +84,12 @@ class TrainConfig:
         return self.batch_size * self.grad_accum_steps * self.model.context_length
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """A TrainConfig from a TOML file (or the defaults) with `section.key=value` overrides applied."""
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A TrainConfig from a TOML file (or the defaults) with `section.key=value` overrides applied.
+
+    Every key, type and range is checked; an error names where the bad value came from: the file, or
+    the `--set` override.
+    """
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -75,69 +98,95 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ScratchLMError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            raise ScratchLMError(f"{path}: expected a TOML config file, got a directory") from None
+        except OSError as exc:
+            raise ScratchLMError(f"cannot read config file {path}: {exc.strerror}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ScratchLMError(f"{path}: not valid TOML ({exc})") from None
+    origins: dict[str, str] = {}  # dotted key -> the override that set it
     for override in overrides:
         key, sep, raw = override.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
             raise ScratchLMError(f"--set {override!r}: expected section.key=value, e.g. model.d_model=256")
         try:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw  # a bare word: take it as a string
         target = data
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
+        *parents, leaf = key.split(".")
+        for i, part in enumerate(parents):
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
-                raise ScratchLMError(f"--set {override!r}: {part} is not a section")
+                raise ScratchLMError(f"--set {override}: {'.'.join(parents[: i + 1])} is not a section")
         target[leaf] = value
+        origins[key] = f"--set {override}"
+    return from_dict(TrainConfig, data, lambda where: origins.get(where, source))
+
+
+def load_config_text(text: str, source: str) -> TrainConfig:
+    """A TrainConfig from TOML text (e.g. the copy a checkpoint holds); `source` names it in errors."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScratchLMError(f"{source}: not valid TOML ({exc})") from None
     return from_dict(TrainConfig, data, source)
 
 
-def from_dict(cls: type, data: dict[str, Any], source: str, prefix: str = ""):
-    """Build dataclass `cls` from a dict, checking every key and type."""
+def from_dict(cls: type, data: dict[str, Any], source: str | Callable[[str], str], prefix: str = ""):
+    """Build dataclass `cls` from a dict, checking every key, type and range.
+
+    source: where the values come from (a file name), or a function of the dotted key that says so.
+    """
+    source_of = source if callable(source) else (lambda where, s=source: s)
     if not isinstance(data, dict):
-        raise ScratchLMError(f"{source}: {prefix.rstrip('.') or 'config'}: expected a table, got {data!r}")
+        where = prefix.rstrip(".") or "config"
+        raise ScratchLMError(f"{source_of(where)}: {where}: expected a table, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
     if unknown:
         raise ScratchLMError(
-            f"{source}: unknown key {prefix}{unknown[0]} (valid keys here: {', '.join(sorted(fields))})"
+            f"{source_of(prefix + unknown[0])}: unknown key {prefix}{unknown[0]} "
+            f"(valid keys here: {', '.join(sorted(fields))})"
         )
-    values = {}
-    for name, raw in data.items():
-        values[name] = _convert(raw, hints[name], source, f"{prefix}{name}")
+    values = {name: _convert(raw, hints[name], source_of, f"{prefix}{name}") for name, raw in data.items()}
     try:
         return cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise ScratchLMError(f"{source}: {prefix.rstrip('.') or 'config'}: {exc}") from None
+    except ConfigError as exc:
+        error = exc.prefixed(prefix)
+        origin = next((source_of(f) for f in error.fields if source_of(f).startswith("--set")), None)
+        raise ScratchLMError(f"{origin or source_of(error.fields[0])}: {error}") from None
 
 
-def _convert(value: Any, hint: Any, source: str, where: str):
+def _convert(value: Any, hint: Any, source_of: Callable[[str], str], where: str):
     if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, source, f"{where}.")
+        return from_dict(hint, value, source_of, f"{where}.")
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], source, where)
+        return _convert(value, inner[0], source_of, where)
     if origin is Literal:
         if value not in args:
-            raise ScratchLMError(f"{source}: {where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+            raise ScratchLMError(
+                f"{source_of(where)}: {where}: expected one of {', '.join(map(repr, args))}, got {value!r}"
+            )
         return value
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ScratchLMError(f"{source}: {where}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_convert(v, a, source, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+            raise ScratchLMError(f"{source_of(where)}: {where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(
+            _convert(v, a, source_of, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and not (
         isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     ):
-        raise ScratchLMError(f"{source}: {where}: expected {hint.__name__}, got {value!r}")
+        raise ScratchLMError(f"{source_of(where)}: {where}: expected {hint.__name__}, got {value!r}")
     return value
 
 

@@ -9,7 +9,7 @@ from scratchlm.data.loader import resolve_device
 from scratchlm.errors import ScratchLMError
 from scratchlm.train.checkpoint import latest_checkpoint, load_checkpoint
 from scratchlm.train.config import load_config
-from scratchlm.train.trainer import build_model, evaluate, load_data, setup_cpu, token_byte_lengths
+from scratchlm.train.trainer import build_model, evaluate, load_data, restore, setup_cpu, token_byte_lengths
 
 
 def evaluate_run(run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
@@ -25,6 +25,6 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     _, val_tokens, tokenizer = load_data(config)
     model = build_model(config, device)
     state = load_checkpoint(checkpoint, map_location=device)
-    model.load_state_dict(state["model"])
+    restore(model, state, checkpoint, config)
     result = evaluate(model, val_tokens, token_byte_lengths(tokenizer, config.model.vocab_size, device), config, device)
     return {"step": state["step"], **vars(result)}

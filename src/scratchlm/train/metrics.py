@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
+
+from scratchlm.errors import ScratchLMError
 
 
 class MetricsLog:
@@ -28,7 +31,23 @@ def read_metrics(path: str | os.PathLike, up_to_step: int | None = None) -> list
     path = Path(path)
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no integer 'step'")
+        except ValueError as exc:
+            if number == len(lines) and not text.endswith("\n"):  # torn by a kill in mid-write
+                print(f"warning: {path}, line {number}: dropped a record cut short by an interrupted write",
+                      file=sys.stderr)  # fmt: skip
+                break
+            raise ScratchLMError(f"{path}, line {number}: expected a JSON metrics record with a step ({exc})") from None
+        records.append(record)
     return [r for r in records if up_to_step is None or r["step"] <= up_to_step]
 
 

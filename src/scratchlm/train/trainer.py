@@ -22,15 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scratchlm.accounting import device_peak_flops, training_flops_per_token
-from scratchlm.atomic import atomic_write_text
+from scratchlm.accounting import cpu_peak_flops, device_peak_flops, record_cpu_peak, training_flops_per_token
+from scratchlm.atomic import atomic_write_text, check_writable, remove_stale_temporaries
 from scratchlm.data.encode import load_tokens
 from scratchlm.data.loader import BatchSampler, eval_windows, resolve_device
 from scratchlm.errors import ScratchLMError
+from scratchlm.lock import directory_lock
 from scratchlm.model.transformer import TransformerLM
 from scratchlm.optim import SGD, AdaGrad, AdamW, clip_grad_norm, cosine_lr
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from scratchlm.train.checkpoint import check_compatible, latest_checkpoint, load_checkpoint, save_checkpoint
 from scratchlm.train.config import TrainConfig, to_toml
 from scratchlm.train.metrics import MetricsLog, format_eta, plot_losses, read_metrics
 
@@ -172,14 +173,23 @@ class _StopFlag:
 
 
 def load_data(config: TrainConfig):
+    """The training and validation token arrays and their tokenizer, checked against each other and
+    against the model: same tokenizer, ids that fit the vocabulary, at least one window each."""
     train_tokens, train_meta = load_tokens(config.data.train_tokens)
     val_tokens, val_meta = load_tokens(config.data.val_tokens)
     tokenizer = Tokenizer.load(config.data.tokenizer)
-    for meta, name in ((train_meta, config.data.train_tokens), (val_meta, config.data.val_tokens)):
+    window = config.model.context_length + 1
+    for tokens, meta, name in ((train_tokens, train_meta, config.data.train_tokens),
+                               (val_tokens, val_meta, config.data.val_tokens)):  # fmt: skip
         if meta["tokenizer"] != tokenizer.fingerprint:
             raise ScratchLMError(
                 f"{name} was encoded with tokenizer {meta['tokenizer']}, but data.tokenizer "
                 f"({config.data.tokenizer}) is {tokenizer.fingerprint}: re-encode or fix the config"
+            )
+        if len(tokens) < window:
+            raise ScratchLMError(
+                f"{name} holds {len(tokens):,} tokens: too few for one window of model.context_length "
+                f"{config.model.context_length} + 1; give more text or a shorter context"
             )
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ScratchLMError(
@@ -188,13 +198,65 @@ def load_data(config: TrainConfig):
     return train_tokens, val_tokens, tokenizer
 
 
+def restore(model, state: dict, path: Path, config: TrainConfig, optimizer=None) -> None:
+    """Load a checkpoint's weights (and optimizer state) into the built model, after checking that it
+    was made with this model shape (and this optimizer)."""
+    check_compatible(state, config, path, ("model", "optim") if optimizer is not None else ("model",))
+    try:
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ScratchLMError(f"{path} does not fit this model: {reason}") from None
+
+
+class PeakFlops:
+    """The peak FLOP/s MFU is measured against, and what it is. On a CPU that is the best matmul
+    throughput ever measured here; should a run ever beat it (MFU above 100%, so the figure was taken at
+    a busy moment), it is measured again, and the run's own throughput counts as a measurement too."""
+
+    def __init__(self, device: torch.device, precision: str) -> None:
+        self.device, self.value = device, device_peak_flops(device, precision)
+        if device.type == "cpu":
+            self.name = f"this CPU's {precision} matmul peak, best measured here ({self.value / 1e9:,.1f} GFLOP/s)"
+        else:
+            self.name = f"the {precision} datasheet peak of {device} ({self.value / 1e12:,.0f} TFLOP/s)"
+        self._remeasured = False
+
+    def mfu(self, flops_per_s: float, say) -> float:
+        if flops_per_s > self.value and self.device.type == "cpu":
+            old = self.value
+            if not self._remeasured:
+                self._remeasured = True
+                self.value = cpu_peak_flops(remeasure=True)
+            self.value = max(self.value, record_cpu_peak(flops_per_s))
+            say(
+                f"warning: the run reached {flops_per_s / 1e9:,.1f} GFLOP/s, above the peak of {old / 1e9:,.1f} it "
+                f"was measured against (taken at a busy moment); the peak is now {self.value / 1e9:,.1f} GFLOP/s"
+            )
+        return flops_per_s / self.value
+
+
 def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict:
-    """Train (or resume) the run in `config.out_dir`; returns the final metrics."""
-    say = (lambda *a, **k: None) if quiet else print
+    """Train (or resume) the run in `config.out_dir`; returns the final metrics. The run directory is
+    locked while it trains: a second `train` on it stops with a message naming the first."""
     setup_cpu(config)
     device = resolve_device(config.device)
+    data = load_data(config)
     run_dir = Path(config.out_dir)
-    train_tokens, val_tokens, tokenizer = load_data(config)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ScratchLMError(f"out_dir {run_dir} exists and is not a directory")
+    check_writable(run_dir)
+    with directory_lock(run_dir):
+        for directory in (run_dir, run_dir / "checkpoints"):
+            remove_stale_temporaries(directory)  # left by a process killed mid-write; we hold the lock
+        return _train(config, device, data, fresh, (lambda *a, **k: None) if quiet else print)
+
+
+def _train(config: TrainConfig, device: torch.device, data: tuple, fresh: bool, say) -> dict:
+    run_dir = Path(config.out_dir)
+    train_tokens, val_tokens, tokenizer = data
     byte_lengths = token_byte_lengths(tokenizer, config.model.vocab_size, device)
 
     model = build_model(config, device)
@@ -205,8 +267,7 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
     checkpoint = None if fresh else latest_checkpoint(run_dir)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        restore(model, state, checkpoint, config, optimizer)
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
@@ -228,11 +289,11 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
     loss_fn = torch.compile(model.loss) if should_compile(config, device) else model.loss
     tokens_per_step = config.tokens_per_step
     flops_per_token = training_flops_per_token(config.model)
-    peak = device_peak_flops(device, "bf16" if uses_bf16_autocast(config, device) else "fp32")
+    peak = PeakFlops(device, "bf16" if uses_bf16_autocast(config, device) else "fp32")
     budget_s = config.max_minutes * 60
     say(
         f"model: {model.num_parameters():,} parameters on {device} ({torch.get_num_threads()} threads); "
-        f"{tokens_per_step:,} tokens/step; {flops_per_token / 1e6:.1f} MFLOP/token"
+        f"{tokens_per_step:,} tokens/step; {flops_per_token / 1e6:.1f} MFLOP/token; MFU against {peak.name}"
     )
 
     def state_dict() -> dict:
@@ -317,7 +378,7 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
 
             if log_due:
                 tokens_per_s = window_tokens / (now - window_start)
-                mfu = tokens_per_s * flops_per_token / peak
+                mfu = peak.mfu(tokens_per_s * flops_per_token, say)
                 record = {"step": step, "time_s": round(elapsed, 3), "train/loss": loss_value, "lr": lr,
                           "perf/tokens_per_s": tokens_per_s, "perf/mfu": mfu}  # fmt: skip
                 if grad_norm is not None:

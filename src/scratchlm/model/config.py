@@ -1,0 +1,71 @@
+"""The shape and the options of a TransformerLM, checked when made; no torch needed to read one.
+
+Named shapes (`MODEL_PRESETS`) are GPT-2's sizes with this architecture, for the accounting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from scratchlm.checks import ConfigError, above, at_least, between, check_fields
+
+
+def default_d_ff(d_model: int) -> int:
+    """About 8/3 d_model, rounded to a multiple of 64 (keeps SwiGLU's parameters near a 4x MLP's)."""
+    return max(64, round(8 * d_model / 3 / 64) * 64)
+
+
+@dataclass
+class ModelConfig:
+    """The shape and the options of a TransformerLM."""
+
+    vocab_size: int = field(default=10_000, metadata=at_least(1))
+    context_length: int = field(default=256, metadata=at_least(1))
+    d_model: int = field(default=512, metadata=at_least(1))
+    n_layers: int = field(default=4, metadata=at_least(0))
+    n_heads: int = field(default=16, metadata=at_least(1))
+    n_kv_heads: int | None = field(default=None, metadata=at_least(1))  # grouped-query attention when < n_heads
+    d_ff: int | None = field(default=None, metadata=at_least(1))  # default: about 8/3 d_model, a multiple of 64
+    rope_theta: float = field(default=10_000.0, metadata=above(0))
+    tie_embeddings: bool = False
+    norm_position: Literal["pre", "post"] = "pre"
+    position_embedding: Literal["rope", "none"] = "rope"
+    ffn: Literal["swiglu", "silu"] = "swiglu"
+    fused_kernels: bool = True  # F.scaled_dot_product_attention and F.rms_norm where they exist
+    # While training: on the embeddings, each residual branch and the attention weights.
+    dropout: float = field(default=0.0, metadata=between(0, 1, high_open=True))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.d_ff is None:
+            self.d_ff = default_d_ff(self.d_model)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                ("n_heads", "d_model"), f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                "n_kv_heads", f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.position_embedding == "rope" and self.d_head % 2:
+            raise ConfigError(
+                ("n_heads", "d_model"),
+                f"RoPE needs an even head dimension, and d_model / n_heads = {self.d_model} / {self.n_heads} = "
+                f"{self.d_head}",
+            )
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+
+MODEL_PRESETS = {
+    # GPT-2 shapes with this architecture (SwiGLU, RoPE, RMSNorm, untied head), GPT-2's vocabulary.
+    "gpt2-small": ModelConfig(vocab_size=50257, context_length=1024, d_model=768, n_layers=12, n_heads=12),
+    "gpt2-medium": ModelConfig(vocab_size=50257, context_length=1024, d_model=1024, n_layers=24, n_heads=16),
+    "gpt2-large": ModelConfig(vocab_size=50257, context_length=1024, d_model=1280, n_layers=36, n_heads=20),
+    "gpt2-xl": ModelConfig(vocab_size=50257, context_length=1024, d_model=1600, n_layers=48, n_heads=25),
+}
