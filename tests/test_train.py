@@ -94,7 +94,9 @@ def test_config_errors_name_the_field(tmp_path):
         load_config(path)
     with pytest.raises(ScratchLMError, match="expected one of"):
         load_config(None, ["optim.name=lion"])
-    with pytest.raises(ScratchLMError, match=r"--set model.dropout=1.5: model.dropout: expected a finite number in \[0, 1\), got 1.5"):
+    with pytest.raises(
+        ScratchLMError, match=r"--set model.dropout=1.5: model.dropout: expected a finite number in \[0, 1\), got 1.5"
+    ):
         load_config(None, ["model.dropout=1.5"])
     config = load_config(None, ["model.d_model=256", "optim.betas=[0.9, 0.99]", "device=cpu"])
     assert config.model.d_model == 256 and config.optim.betas == (0.9, 0.99) and config.device == "cpu"

@@ -194,6 +194,8 @@ def cmd_account(args: argparse.Namespace) -> None:
     from scratchlm.accounting import PRESETS
     from scratchlm.train.config import load_config
 
+    if args.set and not args.config:
+        raise ScratchLMError(f"--set {args.set[0]}: --set changes a --config; a --preset is fixed (give --config FILE)")
     model = load_config(args.config, args.set or []).model if args.config else PRESETS[args.preset]
     if args.remeasure_peak:
         from scratchlm.accounting import cpu_peak_flops

@@ -89,31 +89,35 @@ def encode_files(
             yield b"", str(path), -1, dtype.str  # end-of-file marker
 
     n_tokens = 0
-    with (
-        atomic_open(out_path) as out,
-        tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"encode {out_path.name}", disable=not progress) as bar,
-    ):
-        results = map_bounded(_encode_chunk, items(), workers, initializer=initializer, initargs=initargs)
-        for data, n_bytes in results:
-            if n_bytes == 0 and not data:  # a file ended
-                if eot_id is not None:
-                    out.write(np.asarray([eot_id], dtype=dtype).tobytes())
-                    n_tokens += 1
-                continue
-            out.write(data)
-            n_tokens += len(data) // dtype.itemsize
-            bar.update(n_bytes)
-            bar.set_postfix(tokens=n_tokens)
-    meta = {
-        "tokenizer": tokenizer.fingerprint,
-        "vocab_size": tokenizer.vocab_size,
-        "dtype": dtype.name,
-        "tokens": n_tokens,
-        "bytes": total_bytes,
-        "files": [str(p) for p in paths],
-        "eot_after_each_file": eot_id is not None,
-    }
-    atomic_write_text(sidecar_path(out_path), json.dumps(meta, indent=1) + "\n")
+    try:
+        with (
+            atomic_open(out_path) as out,
+            tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"encode {out_path.name}",
+                 disable=not progress) as bar,
+        ):  # fmt: skip
+            results = map_bounded(_encode_chunk, items(), workers, initializer=initializer, initargs=initargs)
+            for data, n_bytes in results:
+                if n_bytes == 0 and not data:  # a file ended
+                    if eot_id is not None:
+                        out.write(np.asarray([eot_id], dtype=dtype).tobytes())
+                        n_tokens += 1
+                    continue
+                out.write(data)
+                n_tokens += len(data) // dtype.itemsize
+                bar.update(n_bytes)
+                bar.set_postfix(tokens=n_tokens)
+        meta = {
+            "tokenizer": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size,
+            "dtype": dtype.name,
+            "tokens": n_tokens,
+            "bytes": total_bytes,
+            "files": [str(p) for p in paths],
+            "eot_after_each_file": eot_id is not None,
+        }
+        atomic_write_text(sidecar_path(out_path), json.dumps(meta, indent=1) + "\n")
+    except OSError as exc:  # a full disk: the temporary file is gone, earlier output stays
+        raise ScratchLMError(f"could not write {out_path}: {exc.strerror or exc}") from None
     return meta
 
 

@@ -214,6 +214,8 @@ def train_bpe(
         raise ScratchLMError(f"vocab_size: expected an integer, got {vocab_size!r}")
     if vocab_size < 256 + len(set(special_tokens)):
         train_bpe_from_counts({}, vocab_size, special_tokens)  # raises the clear error
+    if not any(p.stat().st_size for p in paths):
+        raise ScratchLMError(f"the corpus is empty: no text in {', '.join(map(str, paths))}")
     word_counts = count_pretokens(paths, special_tokens, workers, progress)
     if not word_counts:
         raise ScratchLMError(f"the corpus is empty: no text in {', '.join(map(str, paths))}")

@@ -40,7 +40,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, keep: in
     except (OSError, RuntimeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
         if "enforce fail" in reason or "file write failed" in reason:  # torch's zip writer hides the errno
-            reason = f"the write failed ({shutil.disk_usage(directory).free / 2**20:,.0f} MiB free on that disk)"
+            usage = shutil.disk_usage(directory)
+            full = usage.free < max(2**20, usage.total // 100)
+            reason = f"the write failed{': the disk is full' if full else ''} ({usage.free / 2**20:,.1f} MiB free)"
         previous = latest_checkpoint(run_dir)
         raise ScratchLMError(
             f"could not write checkpoint {path}: {reason}; the latest checkpoint is still "

@@ -279,10 +279,9 @@ def _train(config: TrainConfig, device: torch.device, data: tuple, fresh: bool, 
     elif fresh and (run_dir / "checkpoints").exists():
         for old in (run_dir / "checkpoints").glob("*"):
             old.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.toml", to_toml(config))
     # A resumed run keeps the metrics up to its checkpoint and drops any logged after it.
     records = read_metrics(run_dir / "metrics.jsonl", up_to_step=step if checkpoint else -1)
+    atomic_write_text(run_dir / "config.toml", to_toml(config))
     atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     log = MetricsLog(run_dir / "metrics.jsonl")
 
