@@ -339,6 +339,7 @@ CASES = [
     Case("account-preset-unknown", ["account", "--preset", "gpt5"], ("--preset", "invalid choice", "'gpt5'"), exit_code=2),
     Case("account-config-missing", ["account", "--config", "missing.toml"], ("config file not found",)),
     Case("account-set-bad", ["account", "--config", "train.toml", "--set", "model.n_heads=0"], ("--set model.n_heads=0", ">= 1")),
+    Case("account-seq-above-context", ["account", "--config", "train.toml", "--seq", "100"], ("--seq 100", "context_length 32")),
     Case("account-set-without-config", ["account", "--set", "model.n_layers=8"], ("--set", "--config")),
     # ------------------------------------------------------------- speedrun
     Case("speedrun-minutes-negative", ["speedrun", "--minutes", "-1"], ("--minutes", "> 0", "'-1'"), exit_code=2),

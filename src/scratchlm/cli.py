@@ -205,6 +205,8 @@ def cmd_account(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
     seq = args.seq or model.context_length
+    if seq > model.context_length:
+        raise ScratchLMError(f"--seq {seq} exceeds the model's context_length {model.context_length}")
     report = account(model, args.batch, seq, args.device, args.mfu, args.tokens, args.memory_gb)
     print(json.dumps(report, indent=1) if args.json else format_account(report))
 
