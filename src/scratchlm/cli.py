@@ -201,7 +201,7 @@ def cmd_account(args: argparse.Namespace) -> None:
         from scratchlm.accounting import cpu_peak_flops
 
         print(
-            f"local CPU fp32 matmul peak, re-measured: {cpu_peak_flops(remeasure=True) / 1e9:.1f} GFLOP/s",
+            f"local CPU fp32 matmul peak, best measured: {cpu_peak_flops(remeasure=True) / 1e9:.1f} GFLOP/s",
             file=sys.stderr,
         )
     seq = args.seq or model.context_length
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="device memory for the largest batch")  # fmt: skip
     acc.add_argument("--json", action="store_true", help="machine-readable output")
     acc.add_argument(
-        "--remeasure-peak", action="store_true", help="measure the local CPU's matmul peak again and cache it"
+        "--remeasure-peak", action="store_true", help="measure the CPU peak again (kept if it beats the cached one)"
     )
     acc.set_defaults(func=cmd_account)
     return parser
