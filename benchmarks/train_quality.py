@@ -50,7 +50,9 @@ def train_peer(config, minutes: float) -> dict:
     """The trainer's loop, minus checkpoints and logs, around the peer model and torch's AdamW."""
     from scratchlm.data.loader import BatchSampler
     from scratchlm.optim import clip_grad_norm, cosine_lr
-    from scratchlm.train.trainer import BUDGET_PROBE_STEPS, evaluate, load_data, setup_cpu, token_byte_lengths
+    from scratchlm.train.budget import BUDGET_PROBE_STEPS
+    from scratchlm.train.evaluate import evaluate, token_byte_lengths
+    from scratchlm.train.setup import load_data, setup_cpu
 
     setup_cpu(config)
     train_tokens, val_tokens, tokenizer = load_data(config)

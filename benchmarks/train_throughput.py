@@ -121,7 +121,7 @@ def main() -> None:
         return main_cuda(args)
 
     from scratchlm.accounting import measure_cpu_matmul_peak
-    from scratchlm.train.trainer import keep_freed_memory
+    from scratchlm.train.setup import keep_freed_memory
 
     peaks = [measure_cpu_matmul_peak(seconds=2.0)]
     measured = []  # (name, allocator, config, params, scratchlm tok/s, peer tok/s)

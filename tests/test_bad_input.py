@@ -32,7 +32,7 @@ from scratchlm.infer import Sampling, generate
 from scratchlm.lock import directory_lock
 from scratchlm.model import ModelConfig, TransformerLM
 from scratchlm.tokenizer import Tokenizer, train_bpe
-from scratchlm.train.checkpoint import load_checkpoint
+from scratchlm.train.checkpoint import read_checkpoint
 from scratchlm.train.config import OptimConfig, TrainConfig, load_config, to_toml
 from scratchlm.train.metrics import read_metrics
 
@@ -451,7 +451,7 @@ API_CASES: list[tuple[str, Callable[[Path, Path], object], str]] = [
     ("sampling-stop-string", lambda d, t: Sampling(stop="\n"), "stop: expected a list of non-empty strings"),
     ("generate-prompt-string", lambda d, t: generate(_model(d, t), _tokenizer(d), "the king"), "prompts: expected a non-empty list of strings"),
     ("generate-too-long", lambda d, t: generate(_model(d, t), _tokenizer(d), ["the king"], Sampling(max_new_tokens=40)), "exceeds the context length 32"),
-    ("load-checkpoint-garbage", lambda d, t: load_checkpoint(_written(t / "c.pt", b"garbage")), "not a readable scratchlm checkpoint"),
+    ("load-checkpoint-garbage", lambda d, t: read_checkpoint(_written(t / "c.pt", b"garbage")), "not a readable scratchlm checkpoint"),
     ("read-metrics-bad-line", lambda d, t: read_metrics(_written(t / "m.jsonl", '{"step": 1}\n[1]\n{"step": 3}\n')), "m.jsonl, line 2"),
 ]
 # fmt: on

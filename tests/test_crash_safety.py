@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from conftest import tiny_config
 
-from scratchlm.train.checkpoint import latest_checkpoint, load_checkpoint
+from scratchlm.train.checkpoint import latest_checkpoint, read_checkpoint
 from scratchlm.train.config import to_toml
 
 CLI = [sys.executable, "-m", "scratchlm.cli", "train", "--config"]
@@ -54,7 +54,7 @@ def test_sigkill_at_random_moments_resumes_bit_for_bit(tmp_path, data_dir):
     kills, mid_write = 0, 0
     while kills < 8:
         proc = subprocess.Popen([*CLI, tmp_path / "killed.toml"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        start_step = load_checkpoint(latest_checkpoint(killed))["step"] if latest_checkpoint(killed) else 0
+        start_step = read_checkpoint(latest_checkpoint(killed))["step"] if latest_checkpoint(killed) else 0
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:  # wait until it trains past where it began
             if (killed / "metrics.jsonl").is_file() and any(s > start_step for s in logged_steps(killed)):
@@ -76,7 +76,7 @@ def test_sigkill_at_random_moments_resumes_bit_for_bit(tmp_path, data_dir):
     assert trajectory(killed) == trajectory(reference)  # every loss, lr, grad norm and evaluation
     steps = [s for s, r in zip(logged_steps(killed), trajectory(killed), strict=True) if "train/loss" in r]
     assert steps == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))  # no gaps, no duplicates
-    final, expected = (load_checkpoint(latest_checkpoint(run)) for run in (killed, reference))
+    final, expected = (read_checkpoint(latest_checkpoint(run)) for run in (killed, reference))
     for key, tensor in expected["model"].items():
         assert torch.equal(final["model"][key], tensor), key
     states = zip(final["optimizer"]["state"].values(), expected["optimizer"]["state"].values(), strict=True)

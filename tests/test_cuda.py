@@ -15,7 +15,8 @@ from scratchlm.model import ModelConfig, TransformerLM
 from scratchlm.optim import AdamW
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.metrics import read_metrics
-from scratchlm.train.trainer import build_model, train
+from scratchlm.train.setup import build_model
+from scratchlm.train.trainer import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

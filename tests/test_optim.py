@@ -125,3 +125,34 @@ def test_fused_adamw_refuses_parameters_it_cannot_take():
     with pytest.raises(ValueError, match="one dtype"):
         AdamW([torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2, dtype=torch.float64))], fused=True)
     assert not AdamW([torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2).double())]).fused
+
+
+def test_course_schedule_by_hand():
+    from scratchlm.optim.schedule import lr_cosine_schedule
+
+    lr = [lr_cosine_schedule(it, 1.0, 0.1, 7, 21) for it in range(25)]
+    assert lr[0] == 0.0 and lr[1] == pytest.approx(1 / 7) and lr[6] == pytest.approx(6 / 7)  # lr(0) = 0
+    assert lr[7] == 1.0 and lr[14] == pytest.approx(0.55) and lr[21] == pytest.approx(0.1)  # cosine
+    assert lr[22] == 0.1 and lr[24] == 0.1  # min_lr after the cycle
+
+
+def test_trainer_schedule_is_the_course_schedule_one_step_on():
+    from scratchlm.optim.schedule import lr_cosine_schedule
+
+    for warmup, total in ((10, 110), (1, 50), (30, 31)):
+        for step in range(total + 3):
+            expected = lr_cosine_schedule(step + 1, 3e-3, 3e-4, warmup, total)
+            assert cosine_lr(step, 3e-3, 3e-4, warmup, total) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_cosine_schedule_stays_monotone_when_the_length_is_refitted():
+    from scratchlm.optim.schedule import CosineSchedule
+
+    fixed = CosineSchedule(1.0, 0.1, 10)
+    assert [fixed(t, 110) for t in range(110)] == [cosine_lr(t, 1.0, 0.1, 10, 110) for t in range(110)]
+    schedule, lrs = CosineSchedule(1.0, 0.1, 10), []
+    for step in range(300):  # the budget re-fits the length: 200 -> 120 (slower) -> 300 (faster again)
+        total = 200 if step < 50 else 120 if step < 90 else 300
+        lrs.append(schedule(step, total))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))  # never rises after warm-up
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)

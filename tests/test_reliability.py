@@ -82,7 +82,7 @@ def test_ctrl_c_during_parallel_pretokenization_is_one_line(tmp_path):
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path, data_dir):
     (tmp_path / "c.toml").write_text(to_toml(tiny_config(data_dir, tmp_path / "run", max_steps=100000)))
-    for delay in (0.3, 0.8):  # while python and torch are being imported
+    for delay in (0.2, 0.4, 0.6, 0.8, 1.0, 1.3):  # while python and torch are being imported (and just after)
         result = _interrupt([*CLI, "train", "--config", "c.toml"], tmp_path, after=delay)
         assert result.returncode == 130, result.stdout + result.stderr
         assert "Traceback" not in result.stdout + result.stderr, result.stderr
@@ -234,7 +234,7 @@ def test_fit_prompt_cuts_from_the_left_at_a_word(data_dir):
 def test_checkpoint_errors_keep_the_previous_latest(tmp_path, monkeypatch):
     from scratchlm.train import checkpoint
 
-    checkpoint.save_checkpoint(tmp_path, 1, {"model": {}, "step": 1})
+    checkpoint.save_run_checkpoint(tmp_path, 1, {"model": {}, "step": 1})
 
     def full(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
@@ -242,7 +242,7 @@ def test_checkpoint_errors_keep_the_previous_latest(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(ScratchLMError, match=r"could not write checkpoint .*step_0000002.pt: the write failed.*"
                                              r"the latest checkpoint is still step_0000001.pt"):  # fmt: skip
-        checkpoint.save_checkpoint(tmp_path, 2, {"model": {}, "step": 2})
+        checkpoint.save_run_checkpoint(tmp_path, 2, {"model": {}, "step": 2})
     assert checkpoint.latest_checkpoint(tmp_path).name == "step_0000001.pt"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_0000001.pt"]
 

@@ -12,10 +12,11 @@ from conftest import tiny_config
 
 from scratchlm.data.prepare import split_documents
 from scratchlm.errors import ScratchLMError
-from scratchlm.train.checkpoint import latest_checkpoint, load_checkpoint
+from scratchlm.train.budget import steps_for_budget
+from scratchlm.train.checkpoint import latest_checkpoint, read_checkpoint
 from scratchlm.train.config import TrainConfig, load_config, to_toml
 from scratchlm.train.metrics import read_metrics
-from scratchlm.train.trainer import steps_for_budget, train
+from scratchlm.train.trainer import train
 
 
 def test_split_is_by_whole_documents(data_dir):
@@ -48,7 +49,7 @@ def test_resume_continues_the_exact_trajectory(data_dir, tmp_path, dropout):
     train(half, quiet=True)  # the whole run, then rewind it to its step-10 checkpoint
     ckpts = sorted((tmp_path / "resumed" / "checkpoints").glob("step_*.pt"))
     (tmp_path / "resumed" / "checkpoints" / "latest").write_text(ckpts[0].name)
-    assert load_checkpoint(ckpts[0])["step"] == 10
+    assert read_checkpoint(ckpts[0])["step"] == 10
     resumed_result = train(half, quiet=True)
     resumed = [r["train/loss"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl") if "train/loss" in r]
     assert resumed == straight  # bit for bit, with the log rewound to the checkpoint
@@ -70,7 +71,7 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(data_dir, tmp_path):
     assert proc.returncode == 130, out
     path = latest_checkpoint(tmp_path / "run")
     assert path is not None and "resume with the same command" in out
-    assert load_checkpoint(path)["step"] >= 5
+    assert read_checkpoint(path)["step"] >= 5
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
@@ -181,7 +182,7 @@ def test_budget_leaves_the_compiling_first_step_out_of_the_pace(data_dir, tmp_pa
 
 FAULTS_FOR_64MB_BLOCKS = """
 import resource, sys, torch
-from scratchlm.train.trainer import keep_freed_memory
+from scratchlm.train.setup import keep_freed_memory
 if sys.argv[1] == "reuse" and not keep_freed_memory():
     sys.exit(3)
 faults = []
@@ -209,3 +210,74 @@ def test_keep_freed_memory_reuses_large_blocks(allocator):
         assert min(faults) > 15_000, faults
     else:
         assert max(faults[4:]) < 1000, faults  # the first few grow the heap
+
+
+def test_lr_never_rises_after_warm_up_on_a_budget(data_dir, tmp_path, monkeypatch):
+    """Steps slow, then fast, then slow again: the budget re-fits the length up and down, and the
+    learning rate still only falls after warm-up (a re-fit used to move it up and down)."""
+    simulate_step_times(monkeypatch, lambda t: 0.01 if t < 0.5 or t > 1.5 else 0.003)
+    config = tiny_config(data_dir, tmp_path / "run", max_minutes=0.05, max_steps=10**6, eval_every=20,
+                         checkpoint_every=10**6, log_every=1)  # fmt: skip
+    train(config, quiet=True)
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lr" in r]
+    warmup = config.optim.warmup_steps
+    assert len(lrs) > 200 and all(a >= b for a, b in zip(lrs[warmup - 1 :], lrs[warmup:], strict=False))
+
+
+def test_course_checkpoint_interface_round_trips(tmp_path):
+    import io
+
+    from scratchlm.model import ModelConfig, TransformerLM
+    from scratchlm.optim import AdamW
+    from scratchlm.train.checkpoint import load_checkpoint, save_checkpoint
+
+    def make():
+        torch.manual_seed(0)
+        model = TransformerLM(ModelConfig(vocab_size=50, context_length=8, d_model=16, n_layers=1, n_heads=2))
+        return model, AdamW(model.parameters(), lr=1e-2)
+
+    model, optimizer = make()
+    model.loss(torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))).backward()
+    optimizer.step()
+    buffer = io.BytesIO()
+    for out in (tmp_path / "c.pt", buffer):
+        save_checkpoint(model, optimizer, 7, out)
+    for src in (tmp_path / "c.pt", io.BytesIO(buffer.getvalue())):
+        fresh, fresh_optimizer = make()
+        assert load_checkpoint(src, fresh, fresh_optimizer) == 7
+        for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(
+            fresh_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"]
+        )
+
+
+def test_train_step_accumulates_the_gradient_of_the_whole_batch(data_dir, tmp_path):
+    """Two micro-batches of 4 give the update of one batch of 8 (the mean loss's gradient)."""
+    from scratchlm.optim import SGD
+    from scratchlm.train.setup import build_model
+    from scratchlm.train.step import TrainStep
+
+    windows = torch.randint(0, 300, (8, 33))
+
+    class Batches:
+        def __init__(self, size):
+            self.size, self.at = size, 0
+
+        def next(self):
+            x = windows[self.at : self.at + self.size]
+            self.at += self.size
+            return x[:, :-1], x[:, 1:]
+
+    results = []
+    for batch, accum in ((8, 1), (4, 2)):
+        config = tiny_config(data_dir, tmp_path, batch_size=batch, grad_accum_steps=accum, **{"optim.grad_clip": 0})
+        model = build_model(config, torch.device("cpu"))
+        step = TrainStep(model, SGD(model.parameters(), lr=0.1), model.loss, config, torch.device("cpu"))
+        loss, grad_norm = step(Batches(batch), 0.1)
+        assert grad_norm is None
+        results.append((loss, [p.detach().clone() for p in model.parameters()]))
+    (loss_a, params_a), (loss_b, params_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    for a, b in zip(params_a, params_b, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

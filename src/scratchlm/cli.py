@@ -7,6 +7,7 @@ account (costs before you spend them)
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,21 @@ def number(kind: type, low: float | None = None, high: float | None = None, low_
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def import_torch() -> None:
+    """Import torch with Ctrl-C held back until it is done: a KeyboardInterrupt raised inside torch's
+    start-up (C++ calling Python) aborts the process with a C++ `terminate`, not a clean exit."""
+    if "torch" in sys.modules:
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -145,6 +161,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from scratchlm.train.config import load_config
 
     config = load_config(args.config, args.set or [])  # checked before torch is even imported
+    import_torch()
     from scratchlm.train.trainer import train
 
     result = train(config, fresh=args.fresh)
@@ -153,6 +170,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    import_torch()
     from scratchlm.train.evaluate import evaluate_run
 
     result = evaluate_run(args.run, args.set or [])
@@ -163,6 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    import_torch()
     from scratchlm.infer import Sampling, generate, load_run
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed, args.stop or ())
@@ -188,6 +207,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_account(args: argparse.Namespace) -> None:
+    import_torch()
     import json
 
     from scratchlm.account_report import account, format_account
@@ -212,6 +232,7 @@ def cmd_account(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    import_torch()
     from scratchlm.infer import load_run
     from scratchlm.infer.export import export_huggingface
 
@@ -222,6 +243,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_speedrun(args: argparse.Namespace) -> None:
+    import_torch()
     from scratchlm.speedrun import run_speedrun
 
     run_speedrun(args.corpus, args.minutes, args.out, args.preset, args.device)
@@ -362,5 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The `scratchlm` command: `main`, then exit with its status. A Ctrl-C that comes while the
+    interpreter shuts down (torch's teardown takes a moment) is ignored: the work is over, and it would
+    only print a traceback from some module's clean-up."""
+    status = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

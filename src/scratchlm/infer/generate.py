@@ -191,9 +191,9 @@ def load_run(run_dir: str | os.PathLike, device: str | None = None):
     """(model with the latest checkpoint's weights, tokenizer, config, step) of a run directory."""
     from scratchlm.data.loader import resolve_device
     from scratchlm.tokenizer import Tokenizer
-    from scratchlm.train.checkpoint import latest_checkpoint, load_checkpoint
+    from scratchlm.train.checkpoint import latest_checkpoint, read_checkpoint
     from scratchlm.train.config import load_config
-    from scratchlm.train.trainer import build_model, restore
+    from scratchlm.train.setup import build_model, restore
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
@@ -204,7 +204,7 @@ def load_run(run_dir: str | os.PathLike, device: str | None = None):
         raise ScratchLMError(f"{run_dir} has no checkpoint yet: train it first")
     torch_device = resolve_device(config.device)
     model = build_model(config, torch_device)
-    state = load_checkpoint(checkpoint, map_location=torch_device)
+    state = read_checkpoint(checkpoint, map_location=torch_device)
     restore(model, state, checkpoint, config)
     model.eval()
     return model, Tokenizer.load(config.data.tokenizer), config, state["step"]

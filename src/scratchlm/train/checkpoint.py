@@ -1,8 +1,9 @@
 """Checkpoints: everything needed to continue a run exactly, written atomically, loaded safely.
 
-A checkpoint holds the model and optimizer state, the step, the RNG states (torch's and the batch
-sampler's: the data position) and the number of steps the run will take. `checkpoints/latest` names
-the newest one and is replaced only after that file is complete. Loading uses
+A run's checkpoint holds the model and optimizer state, the step, the RNG states (torch's and the batch
+sampler's: the data position), the schedule's position and the number of steps the run will take.
+`checkpoints/latest` names the newest one and is replaced only after that file is complete.
+`save_checkpoint` / `load_checkpoint` are the course's interface for a model and optimizer alone. Loading uses
 `torch.load(weights_only=True)`: a checkpoint can hold tensors and plain data, never code.
 """
 
@@ -12,11 +13,14 @@ import dataclasses
 import os
 import shutil
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from scratchlm.atomic import atomic_open, atomic_write_text
 from scratchlm.errors import ScratchLMError
+
+PathOrFile = str | os.PathLike | BinaryIO
 
 # Fields a run may change between a checkpoint and its continuation (the weights and the optimizer's
 # state still fit): how it runs (kernels, dropout, the context it trains or evaluates at) and, of the
@@ -27,7 +31,32 @@ FREE_TO_CHANGE = {
 }
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int, out: PathOrFile) -> None:
+    """Save the model's and the optimizer's state and the iteration to `out`, a path (written
+    atomically) or a binary file object: the course's checkpoint interface."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": iteration}
+    if isinstance(out, str | os.PathLike):
+        with atomic_open(out) as f:
+            torch.save(state, f)
+    else:
+        torch.save(state, out)
+
+
+def load_checkpoint(src: PathOrFile, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Restore what `save_checkpoint` saved (from a path or a binary file object) into `model` and
+    `optimizer`; returns the iteration. Loads with `weights_only=True`: never runs code."""
+    state = read_checkpoint(src)
+    try:
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ScratchLMError(f"{_name(src)} does not fit this model: {reason}") from None
+    return state["step"]
+
+
+def save_run_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, keep: int = 2) -> Path:
     """Write `checkpoints/step_<step>.pt`, point `latest` at it, keep the newest `keep` files.
 
     A failed write (a full disk) raises a clear error and leaves the previous checkpoint the latest."""
@@ -67,18 +96,25 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+def read_checkpoint(src: PathOrFile, map_location="cpu") -> dict:
+    """A checkpoint's state dict, from a path or a binary file object (`weights_only=True`)."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(src, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise ScratchLMError(f"checkpoint not found: {path}") from None
+        raise ScratchLMError(f"checkpoint not found: {src}") from None
     except Exception as exc:  # a truncated or foreign file: say which and why
         reason = str(exc).splitlines()[0] if str(exc) else ""
-        raise ScratchLMError(f"{path}: not a readable scratchlm checkpoint ({type(exc).__name__}: {reason})") from None
+        raise ScratchLMError(
+            f"{_name(src)}: not a readable scratchlm checkpoint ({type(exc).__name__}: {reason})"
+        ) from None
     missing = [key for key in ("model", "step") if not isinstance(state, dict) or key not in state]
     if missing:
-        raise ScratchLMError(f"{path}: not a scratchlm checkpoint (no {missing[0]!r} entry)")
+        raise ScratchLMError(f"{_name(src)}: not a scratchlm checkpoint (no {missing[0]!r} entry)")
     return state
+
+
+def _name(src: PathOrFile) -> str:
+    return str(src) if isinstance(src, str | os.PathLike) else getattr(src, "name", "the checkpoint file")
 
 
 def check_compatible(state: dict, config, path: Path, fields: tuple[str, ...] = ("model",)) -> None:

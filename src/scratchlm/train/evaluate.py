@@ -1,15 +1,58 @@
-"""Evaluate a run directory's latest checkpoint on its validation set."""
+"""Evaluation: loss, perplexity and bits per byte on the fixed validation windows, for a model in
+training or for a run directory's latest checkpoint."""
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from scratchlm.data.loader import resolve_device
+import numpy as np
+import torch
+
+from scratchlm.data.loader import eval_windows, resolve_device
 from scratchlm.errors import ScratchLMError
-from scratchlm.train.checkpoint import latest_checkpoint, load_checkpoint
-from scratchlm.train.config import load_config
-from scratchlm.train.trainer import build_model, evaluate, load_data, restore, setup_cpu, token_byte_lengths
+from scratchlm.tokenizer import Tokenizer
+from scratchlm.train.checkpoint import latest_checkpoint, read_checkpoint
+from scratchlm.train.config import TrainConfig, load_config
+from scratchlm.train.setup import autocast, build_model, load_data, restore, setup_cpu
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean nats per token
+    perplexity: float
+    bits_per_byte: float
+    tokens: int
+
+
+def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int, device) -> torch.Tensor:
+    """UTF-8 bytes each token id stands for (special tokens: 0), for bits per byte."""
+    lengths = torch.zeros(vocab_size, dtype=torch.int64)  # integers: exact sums on any device (MPS has no float64)
+    for token_id, token in tokenizer.vocab.items():
+        if token_id < vocab_size and token_id not in tokenizer.special_ids.values():
+            lengths[token_id] = len(token)
+    return lengths.to(device)
+
+
+@torch.no_grad()
+def evaluate(model, tokens: np.ndarray, byte_lengths: torch.Tensor, config: TrainConfig, device) -> EvalResult:
+    """Loss, perplexity and bits per byte on the fixed validation windows."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    total_nats, total_bytes, total_tokens = 0.0, 0.0, 0
+    ctx = config.model.context_length
+    for x, y in eval_windows(tokens, config.batch_size, ctx, config.eval_tokens, device):
+        with autocast(config, device):
+            mean_loss = model.loss(x, y)  # bits per byte needs only the sum of the token losses
+        total_nats += mean_loss.item() * y.numel()
+        total_bytes += byte_lengths[y].sum().item()
+        total_tokens += y.numel()
+    model.train(was_training)
+    loss = total_nats / total_tokens
+    return EvalResult(loss, math.exp(loss), total_nats / (math.log(2) * max(total_bytes, 1)), total_tokens)
 
 
 def evaluate_run(run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
@@ -24,7 +67,7 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: list[str] = ()) -> dict:
     device = resolve_device(config.device)
     _, val_tokens, tokenizer = load_data(config)
     model = build_model(config, device)
-    state = load_checkpoint(checkpoint, map_location=device)
+    state = read_checkpoint(checkpoint, map_location=device)
     restore(model, state, checkpoint, config)
     result = evaluate(model, val_tokens, token_byte_lengths(tokenizer, config.model.vocab_size, device), config, device)
     return {"step": state["step"], **vars(result)}

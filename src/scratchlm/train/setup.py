@@ -1,0 +1,120 @@
+"""What a run is built from: the CPU set up, the data checked, the model and optimizer built, a
+checkpoint restored, and the precision it trains in. The trainer and the stages after it (evaluation,
+generation, fine-tuning) build their runs from these."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from pathlib import Path
+
+import torch
+
+from scratchlm.data.encode import load_tokens
+from scratchlm.errors import ScratchLMError
+from scratchlm.model.transformer import TransformerLM
+from scratchlm.optim import SGD, AdaGrad, AdamW
+from scratchlm.tokenizer import Tokenizer
+from scratchlm.train.checkpoint import check_compatible
+from scratchlm.train.config import TrainConfig
+
+
+def setup_cpu(config: TrainConfig) -> None:
+    """Threads as configured (0 = all cores), and freed memory kept for reuse (`keep_freed_memory`)."""
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    keep_freed_memory()
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for the next allocation instead of returning it to the OS.
+
+    By default glibc serves large blocks with fresh pages from the OS and hands them back on free, so a
+    training step faults its activations in again page by page: 57,000 page faults a step (228 MB) at
+    the small benchmark shape, 3-5% of the step on a 2-core CPU. With the mmap threshold at 1 GiB and
+    trimming at 2 GiB the freed blocks are reused and a step faults almost never (what jemalloc or
+    tcmalloc would give). The price: the process holds on to its peak memory. Returns whether the
+    setting took (False without glibc: macOS, musl).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
+
+
+def build_model(config: TrainConfig, device: torch.device) -> TransformerLM:
+    torch.manual_seed(config.seed)
+    return TransformerLM(config.model).to(device)
+
+
+def build_optimizer(config: TrainConfig, model: TransformerLM) -> torch.optim.Optimizer:
+    """Weight decay on matrices only (not on norm gains)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    o = config.optim
+    if o.name == "adamw":
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+    if o.name == "sgd":
+        return SGD(model.parameters(), lr=o.lr)
+    return AdaGrad(model.parameters(), lr=o.lr, eps=o.eps)
+
+
+def should_compile(config: TrainConfig, device: torch.device) -> bool:
+    """`auto`: compile on CUDA, where it pays off in seconds; on CPU the compile time (minutes on two
+    cores) outweighs its gain for short runs, so it is opt-in there (`compile = "yes"`)."""
+    if config.compile == "auto":
+        return device.type == "cuda"
+    return config.compile == "yes"
+
+
+def uses_bf16_autocast(config: TrainConfig, device: torch.device) -> bool:
+    """dtype = "bfloat16" means autocast on CUDA; a CPU run is always float32."""
+    return device.type == "cuda" and config.dtype == "bfloat16"
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    if uses_bf16_autocast(config, device):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_data(config: TrainConfig):
+    """The training and validation token arrays and their tokenizer, checked against each other and
+    against the model: same tokenizer, ids that fit the vocabulary, at least one window each."""
+    train_tokens, train_meta = load_tokens(config.data.train_tokens)
+    val_tokens, val_meta = load_tokens(config.data.val_tokens)
+    tokenizer = Tokenizer.load(config.data.tokenizer)
+    window = config.model.context_length + 1
+    for tokens, meta, name in ((train_tokens, train_meta, config.data.train_tokens),
+                               (val_tokens, val_meta, config.data.val_tokens)):  # fmt: skip
+        if meta["tokenizer"] != tokenizer.fingerprint:
+            raise ScratchLMError(
+                f"{name} was encoded with tokenizer {meta['tokenizer']}, but data.tokenizer "
+                f"({config.data.tokenizer}) is {tokenizer.fingerprint}: re-encode or fix the config"
+            )
+        if len(tokens) < window:
+            raise ScratchLMError(
+                f"{name} holds {len(tokens):,} tokens: too few for one window of model.context_length "
+                f"{config.model.context_length} + 1; give more text or a shorter context"
+            )
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ScratchLMError(
+            f"model.vocab_size is {config.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} tokens"
+        )
+    return train_tokens, val_tokens, tokenizer
+
+
+def restore(model, state: dict, path: Path, config: TrainConfig, optimizer=None) -> None:
+    """Load a checkpoint's weights (and optimizer state) into the built model, after checking that it
+    was made with this model shape (and this optimizer)."""
+    check_compatible(state, config, path, ("model", "optim") if optimizer is not None else ("model",))
+    try:
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ScratchLMError(f"{path} does not fit this model: {reason}") from None

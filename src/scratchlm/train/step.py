@@ -1,0 +1,63 @@
+"""One training step: the micro-batches (forward under autocast, backward), clipping, the update, and
+the check that every loss since the last look was finite.
+
+The step never waits for the device: the loss stays a device tensor until the loop reads it (where it
+logs, evaluates, saves or times the budget), and finiteness is accumulated on the device meanwhile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from scratchlm.data.loader import BatchSampler
+from scratchlm.errors import ScratchLMError
+from scratchlm.optim import clip_grad_norm
+from scratchlm.train.config import TrainConfig
+from scratchlm.train.setup import autocast
+
+
+class TrainStep:
+    """`step(sampler, lr)` runs one optimizer step on `config.grad_accum_steps` batches from `sampler`.
+
+    loss_fn: (x, y) -> mean loss (the model's, or its compiled form). Returns (the step's mean loss,
+    the gradient norm before clipping or None without clipping), both device tensors.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                 config: TrainConfig, device: torch.device) -> None:  # fmt: skip
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.config, self.device = config, device
+        self._finite = torch.ones((), dtype=torch.bool, device=device)  # every loss since the last check
+
+    def __call__(self, sampler: BatchSampler, lr: float) -> tuple[Tensor, Tensor | None]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = self.config.grad_accum_steps
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            x, y = sampler.next()
+            with autocast(self.config, self.device):
+                loss = self.loss_fn(x, y) / accum
+            loss.backward()
+            loss_sum += loss.detach()
+        self._finite &= loss_sum.isfinite()
+        clip = self.config.optim.grad_clip
+        grad_norm = clip_grad_norm(self.model.parameters(), clip) if clip else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, grad_norm
+
+    def checked_loss(self, loss: Tensor, since_step: int, step: int, last_checkpoint: Callable[[], object]) -> float:
+        """`loss` as a number (waiting for the device), after checking that every loss since `since_step`
+        was finite: a run that diverged stops here, before anything is logged or saved."""
+        value = loss.item()
+        if not self._finite.item():
+            raise ScratchLMError(
+                f"the training loss was not finite in steps {since_step + 1}-{step} (now {value}): stopped "
+                f"without saving; the last good checkpoint is {last_checkpoint() or 'none (no checkpoint yet)'}. "
+                "Try a lower optim.lr."
+            )
+        return value
