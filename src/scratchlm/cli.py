@@ -7,6 +7,7 @@ account (costs before you spend them)
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -161,6 +162,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     from scratchlm.train.config import load_config
 
     config = load_config(args.config, args.set or [])  # checked before torch is even imported
+    if args.nproc > 1 and "RANK" not in os.environ:  # start the ranks; each runs this command again
+        from scratchlm.distributed.group import launch
+
+        if config.parallel.strategy == "none":
+            raise ScratchLMError(f'--nproc {args.nproc} with parallel.strategy "none": each process would train '
+                                 'alone; set --set parallel.strategy="ddp" (or another strategy)')  # fmt: skip
+
+        argv = ["train", *(["--config", args.config] if args.config else []),
+                *[a for s in args.set or [] for a in ("--set", s)], *(["--fresh"] if args.fresh else [])]  # fmt: skip
+        status = launch(args.nproc, argv)
+        if status:
+            raise SystemExit(status)
+        return
     import_torch()
     from scratchlm.train.trainer import train
 
@@ -312,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", help="TOML config (e.g. configs/shakespeare-cpu.toml); default: built-in defaults")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set model.d_model=256")
     tr.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+    tr.add_argument("--nproc", type=number(int, 1), default=1,
+                    help="processes to train with on this machine ([parallel] strategy; default 1)")  # fmt: skip
     tr.set_defaults(func=cmd_train)
 
     ev = stages.add_parser("eval", help="validation loss, perplexity and bits per byte of a run")

@@ -38,21 +38,31 @@ def resolve_device(name: str) -> torch.device:
 
 
 class BatchSampler:
-    """Random training windows. tokens: 1-D array (e.g. np.memmap of uint16)."""
+    """Random training windows. tokens: 1-D array (e.g. np.memmap of uint16).
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, context_length: int, seed: int, device) -> None:
+    With several processes (rank of world), every rank draws the same global batch of
+    batch_size x world windows from the same generator and takes its own slice: the ranks' batches are
+    disjoint parts of one deterministic stream, and their union is what one process would draw with a
+    batch world times as large."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, context_length: int, seed: int, device,
+                 rank: int = 0, world: int = 1) -> None:  # fmt: skip
         if len(tokens) < context_length + 1:
             raise ScratchLMError(
                 f"the token array holds {len(tokens)} tokens: too few for one window of {context_length} + 1"
             )
         self.tokens, self.batch_size, self.context_length = tokens, batch_size, context_length
+        self.rank, self.world = rank, world
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
         self.generator = torch.Generator().manual_seed(seed)
         self._offsets = np.arange(context_length + 1)
 
     def next(self) -> tuple[Tensor, Tensor]:
         """x, y: (batch_size, context_length) int64, y[:, t] = x[:, t + 1] in the token stream."""
-        starts = torch.randint(0, len(self.tokens) - self.context_length, (self.batch_size,), generator=self.generator)
+        high, size = len(self.tokens) - self.context_length, self.batch_size * self.world
+        starts = torch.randint(0, high, (size,), generator=self.generator)[self.rank * self.batch_size :][
+            : self.batch_size
+        ]
         windows = torch.from_numpy(self.tokens[starts.numpy()[:, None] + self._offsets].astype(np.int64))
         if self.device.type == "cuda":
             windows = windows.pin_memory().to(self.device, non_blocking=True)

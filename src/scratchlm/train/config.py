@@ -53,10 +53,25 @@ class OptimConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a run with several processes (`scratchlm train --nproc N`, torchrun) splits the work:
+    `scratchlm.distributed`. batch_size is per process; the global batch is the sum over them."""
+
+    strategy: Literal["none", "naive", "flat", "overlapped", "bucketed", "zero1", "ddp", "fsdp2"] = "ddp"
+    bucket_mb: float = field(default=25.0, metadata=above(0))  # bucketed, zero1
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # fsdp2: the dtype blocks compute in
+    find_unused_parameters: bool = False  # ddp: the model has a parameter that gets no gradient
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     batch_size: int = field(default=16, metadata=at_least(1))
     grad_accum_steps: int = field(default=1, metadata=at_least(1))
     max_steps: int = field(default=2000, metadata=at_least(1))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from scratchlm.data.loader import eval_windows, resolve_device
 from scratchlm.errors import ScratchLMError
@@ -37,20 +38,32 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int, device) -> torch.T
 
 
 @torch.no_grad()
-def evaluate(model, tokens: np.ndarray, byte_lengths: torch.Tensor, config: TrainConfig, device) -> EvalResult:
-    """Loss, perplexity and bits per byte on the fixed validation windows."""
+def evaluate(model, tokens: np.ndarray, byte_lengths: torch.Tensor, config: TrainConfig, device,
+             strategy=None) -> EvalResult:  # fmt: skip
+    """Loss, perplexity and bits per byte on the fixed validation windows. With a data-parallel
+    `strategy` the ranks share the batches and all-reduce the sums; a sharded one (FSDP) has every rank
+    run every batch, as its forward passes are collective."""
     device = torch.device(device)
+    loss_fn = strategy.loss if strategy is not None else model.loss
+    world = strategy.world if strategy is not None and not strategy.sharded else 1
+    rank = dist.get_rank() if world > 1 else 0
     was_training = model.training
     model.eval()
     total_nats, total_bytes, total_tokens = 0.0, 0.0, 0
     ctx = config.model.context_length
-    for x, y in eval_windows(tokens, config.batch_size, ctx, config.eval_tokens, device):
+    for i, (x, y) in enumerate(eval_windows(tokens, config.batch_size, ctx, config.eval_tokens, device)):
+        if i % world != rank:
+            continue
         with autocast(config, device):
-            mean_loss = model.loss(x, y)  # bits per byte needs only the sum of the token losses
+            mean_loss = loss_fn(x, y)  # bits per byte needs only the sum of the token losses
         total_nats += mean_loss.item() * y.numel()
         total_bytes += byte_lengths[y].sum().item()
         total_tokens += y.numel()
     model.train(was_training)
+    if world > 1:
+        totals = torch.tensor([total_nats, total_bytes, total_tokens], dtype=torch.float64)
+        dist.all_reduce(totals)
+        total_nats, total_bytes, total_tokens = totals[0].item(), totals[1].item(), int(totals[2].item())
     loss = total_nats / total_tokens
     return EvalResult(loss, math.exp(loss), total_nats / (math.log(2) * max(total_bytes, 1)), total_tokens)
 

@@ -26,6 +26,16 @@ class MetricsLog:
         self._file.close()
 
 
+class NullLog:
+    """What a distributed run's other ranks log to: nothing (rank 0 writes the metrics)."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: str | os.PathLike, up_to_step: int | None = None) -> list[dict]:
     """Records of a run; with `up_to_step`, only those at or before it (what a resumed run keeps)."""
     path = Path(path)

@@ -20,9 +20,10 @@ from scratchlm.train.checkpoint import check_compatible
 from scratchlm.train.config import TrainConfig
 
 
-def setup_cpu(config: TrainConfig) -> None:
-    """Threads as configured (0 = all cores), and freed memory kept for reuse (`keep_freed_memory`)."""
-    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+def setup_cpu(config: TrainConfig, processes: int = 1) -> None:
+    """Threads as configured (0 = the cores, shared between the `processes` of a distributed run on
+    this machine), and freed memory kept for reuse (`keep_freed_memory`)."""
+    torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // processes))
     keep_freed_memory()
 
 
@@ -49,17 +50,20 @@ def build_model(config: TrainConfig, device: torch.device) -> TransformerLM:
     return TransformerLM(config.model).to(device)
 
 
-def build_optimizer(config: TrainConfig, model: TransformerLM) -> torch.optim.Optimizer:
-    """Weight decay on matrices only (not on norm gains)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+def build_optimizer(config: TrainConfig, model: TransformerLM, spec: bool = False):
+    """The configured optimizer, weight decay on matrices only (not on norm gains). spec: return
+    (optimizer class, param groups, keyword arguments) instead, for a wrapper (ZeRO-1) to build it."""
+    params = [p for p in model.parameters() if p.requires_grad]
     o = config.optim
     if o.name == "adamw":
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
-    if o.name == "sgd":
-        return SGD(model.parameters(), lr=o.lr)
-    return AdaGrad(model.parameters(), lr=o.lr, eps=o.eps)
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+        cls, kwargs = AdamW, {"lr": o.lr, "betas": o.betas, "eps": o.eps}
+    elif o.name == "sgd":
+        groups, cls, kwargs = params, SGD, {"lr": o.lr}
+    else:
+        groups, cls, kwargs = params, AdaGrad, {"lr": o.lr, "eps": o.eps}
+    return (cls, groups, kwargs) if spec else cls(groups, **kwargs)
 
 
 def should_compile(config: TrainConfig, device: torch.device) -> bool:
@@ -107,11 +111,15 @@ def load_data(config: TrainConfig):
     return train_tokens, val_tokens, tokenizer
 
 
-def restore(model, state: dict, path: Path, config: TrainConfig, optimizer=None) -> None:
+def restore(model, state: dict, path: Path, config: TrainConfig, optimizer=None, strategy=None) -> None:
     """Load a checkpoint's weights (and optimizer state) into the built model, after checking that it
-    was made with this model shape (and this optimizer)."""
+    was made with this model shape (and this optimizer). strategy: the distributed strategy the model
+    trains under, which puts the whole state where its shards live."""
     check_compatible(state, config, path, ("model", "optim") if optimizer is not None else ("model",))
     try:
+        if strategy is not None:
+            strategy.load_full_state(state["model"], state["optimizer"] if optimizer is not None else None, optimizer)
+            return
         model.load_state_dict(state["model"])
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])

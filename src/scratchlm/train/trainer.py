@@ -12,15 +12,20 @@ the run without saving, so the last good checkpoint stays the latest.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from scratchlm.accounting import training_flops_per_token
 from scratchlm.atomic import atomic_write_text, check_writable, remove_stale_temporaries
 from scratchlm.data.loader import BatchSampler, resolve_device
+from scratchlm.distributed import group, make_strategy
+from scratchlm.distributed.base import Strategy
 from scratchlm.errors import ScratchLMError
 from scratchlm.lock import directory_lock
 from scratchlm.optim.schedule import CosineSchedule
@@ -28,7 +33,7 @@ from scratchlm.train.budget import BudgetClock
 from scratchlm.train.checkpoint import latest_checkpoint, read_checkpoint, save_run_checkpoint
 from scratchlm.train.config import TrainConfig, to_toml
 from scratchlm.train.evaluate import evaluate, token_byte_lengths
-from scratchlm.train.metrics import MetricsLog, plot_losses, read_metrics
+from scratchlm.train.metrics import MetricsLog, NullLog, plot_losses, read_metrics
 from scratchlm.train.progress import PeakFlops, Progress
 from scratchlm.train.setup import (
     build_model,
@@ -45,27 +50,42 @@ from scratchlm.train.step import TrainStep
 
 def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict:
     """Train (or resume) the run in `config.out_dir`; returns the final metrics. The run directory is
-    locked while it trains: a second `train` on it stops with a message naming the first."""
-    setup_cpu(config)
+    locked while it trains: a second `train` on it stops with a message naming the first.
+
+    Under `scratchlm train --nproc N` or torchrun, each process joins the process group and trains its
+    part with `config.parallel.strategy`; rank 0 prints, writes the metrics and the checkpoints.
+    """
+    rank = group.from_environment()
+    setup_cpu(config, int(os.environ.get("LOCAL_WORLD_SIZE", rank.world_size)))
     device = resolve_device(config.device)
+    if device.type == "cuda" and rank.world_size > 1:
+        device = torch.device("cuda", rank.local_rank)
     data = load_data(config)
     run_dir = Path(config.out_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ScratchLMError(f"out_dir {run_dir} exists and is not a directory")
     check_writable(run_dir)
-    with directory_lock(run_dir):
-        for directory in (run_dir, run_dir / "checkpoints"):
-            remove_stale_temporaries(directory)  # left by a process killed mid-write; we hold the lock
-        return _train(config, device, data, fresh, (lambda *a, **k: None) if quiet else print)
+    say = (lambda *a, **k: None) if quiet or not rank.is_main else print
+    group.join(rank, device.type)
+    try:
+        with directory_lock(run_dir) if rank.is_main else contextlib.nullcontext():
+            if rank.is_main:
+                for directory in (run_dir, run_dir / "checkpoints"):
+                    remove_stale_temporaries(directory)  # left by a process killed mid-write; we hold the lock
+            return _train(config, device, data, fresh, say, rank)
+    finally:
+        group.leave()
 
 
-def _train(config: TrainConfig, device: torch.device, data: tuple, fresh: bool, say) -> dict:
+def _train(config: TrainConfig, device: torch.device, data: tuple, fresh: bool, say, rank: group.Rank) -> dict:
     run_dir = Path(config.out_dir)
     train_tokens, val_tokens, tokenizer = data
     byte_lengths = token_byte_lengths(tokenizer, config.model.vocab_size, device)
     model = build_model(config, device)
-    optimizer = build_optimizer(config, model)
-    sampler = BatchSampler(train_tokens, config.batch_size, config.model.context_length, config.seed + 1, device)
+    strategy = make_strategy(config.parallel, model) if rank.world_size > 1 else Strategy(model)
+    optimizer = strategy.optimizer(lambda m, spec=False: build_optimizer(config, m, spec))
+    sampler = BatchSampler(train_tokens, config.batch_size, config.model.context_length, config.seed + 1, device,
+                           rank.rank, rank.world_size)  # fmt: skip
     o = config.optim
     schedule = CosineSchedule(o.lr, o.min_lr, o.warmup_steps)
     step, total_steps, elapsed_before = 0, config.max_steps, 0.0
@@ -73,7 +93,7 @@ def _train(config: TrainConfig, device: torch.device, data: tuple, fresh: bool, 
     checkpoint = None if fresh else latest_checkpoint(run_dir)
     if checkpoint is not None:
         state = read_checkpoint(checkpoint)
-        restore(model, state, checkpoint, config, optimizer)
+        restore(model, state, checkpoint, config, optimizer, strategy)
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
@@ -84,31 +104,38 @@ def _train(config: TrainConfig, device: torch.device, data: tuple, fresh: bool, 
         if config.max_minutes:
             total_steps, schedule.position = state["total_steps"], state.get("lr_position", 0.0)
         say(f"resuming {run_dir} from {checkpoint.name} (step {step} of {total_steps})")
-    elif fresh and (run_dir / "checkpoints").exists():
+    elif fresh and rank.is_main and (run_dir / "checkpoints").exists():
         for old in (run_dir / "checkpoints").glob("*"):
             old.unlink()
-    # A resumed run keeps the metrics up to its checkpoint and drops any logged after it.
-    records = read_metrics(run_dir / "metrics.jsonl", up_to_step=step if checkpoint else -1)
-    atomic_write_text(run_dir / "config.toml", to_toml(config))
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    if rank.is_main:
+        # A resumed run keeps the metrics up to its checkpoint and drops any logged after it.
+        records = read_metrics(run_dir / "metrics.jsonl", up_to_step=step if checkpoint else -1)
+        atomic_write_text(run_dir / "config.toml", to_toml(config))
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
-    loss_fn = torch.compile(model.loss) if should_compile(config, device) else model.loss
-    train_step = TrainStep(model, optimizer, loss_fn, config, device)
+    compiled = torch.compile(model.loss) if should_compile(config, device) and rank.world_size == 1 else None
+    train_step = TrainStep(strategy, optimizer, config, device, compiled)
     flops_per_token = training_flops_per_token(config.model)
     peak = PeakFlops(device, "bf16" if uses_bf16_autocast(config, device) else "fp32")
+    world = f"; {rank.world_size} processes ({config.parallel.strategy})" if rank.world_size > 1 else ""
+    tokens_per_step = config.tokens_per_step * rank.world_size
     say(
-        f"model: {model.num_parameters():,} parameters on {device} ({torch.get_num_threads()} threads); "
-        f"{config.tokens_per_step:,} tokens/step; {flops_per_token / 1e6:.1f} MFLOP/token; MFU against {peak.name}"
+        f"model: {model.num_parameters():,} parameters on {device} ({torch.get_num_threads()} threads){world}; "
+        f"{tokens_per_step:,} tokens/step; {flops_per_token / 1e6:.1f} MFLOP/token; MFU against {peak.name}"
     )
     start = time.perf_counter()
     clock = BudgetClock(config, step, total_steps, resumed=checkpoint is not None, now=start)
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    log = MetricsLog(run_dir / "metrics.jsonl") if rank.is_main else NullLog()
+    # MFU per process: its own tokens against its own device's peak.
     progress = Progress(log, peak, flops_per_token, config.tokens_per_step, step, start, say)
 
-    def state_dict() -> dict:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+    def save() -> Path | None:
+        model_state, optimizer_state = strategy.full_state(optimizer)  # collective: every rank takes part
+        if not rank.is_main:
+            return None
+        return save_run_checkpoint(run_dir, step, {
+            "model": model_state,
+            "optimizer": optimizer_state,
             "sampler": sampler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,  # dropout's masks
@@ -117,10 +144,11 @@ def _train(config: TrainConfig, device: torch.device, data: tuple, fresh: bool, 
             "lr_position": schedule.position,
             "elapsed_s": elapsed_before + (time.perf_counter() - start),
             "config": to_toml(config),
-        }
+            "world_size": rank.world_size,
+        })  # fmt: skip
 
     final: dict = {}
-    checked_step = step
+    checked_step, stopping = step, False
     model.train()
     with StopFlag() as stop:
         while step < clock.total_steps:
@@ -129,7 +157,7 @@ def _train(config: TrainConfig, device: torch.device, data: tuple, fresh: bool, 
             step += 1
             progress.step_done()
 
-            stopping = stop.signal is not None
+            stopping = agree(stop.signal is not None, rank)
             total = clock.total_steps
             log_due = step % config.log_every == 0 or step == total
             eval_due = step % config.eval_every == 0 or step == total
@@ -141,12 +169,14 @@ def _train(config: TrainConfig, device: torch.device, data: tuple, fresh: bool, 
             now = time.perf_counter()
             elapsed = elapsed_before + (now - start)
             clock.update(step, now, elapsed, say)
+            clock.total_steps = rank_zeros(clock.total_steps, rank)  # every rank stops at the same step
             if log_due:
                 progress.train(step, clock.total_steps, elapsed, loss_value, lr, grad_norm, now)
             if eval_due:
-                final = progress.evaluation(step, elapsed, evaluate(model, val_tokens, byte_lengths, config, device))
+                result = evaluate(model, val_tokens, byte_lengths, config, device, strategy)
+                final = progress.evaluation(step, elapsed, result)
             if save_due:
-                path = save_run_checkpoint(run_dir, step, state_dict())
+                path = save()
                 if stopping:
                     say(f"saved {path}; resume with the same command")
             if log_due or eval_due or save_due:
@@ -154,5 +184,24 @@ def _train(config: TrainConfig, device: torch.device, data: tuple, fresh: bool, 
             if stopping:
                 break
     log.close()
-    plot_losses(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png")
-    return {"step": step, "total_steps": clock.total_steps, "interrupted": stop.signal is not None, **final}
+    if rank.is_main:
+        plot_losses(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png")
+    return {"step": step, "total_steps": clock.total_steps, "interrupted": stopping, **final}
+
+
+def agree(flag: bool, rank: group.Rank) -> bool:
+    """Whether any rank has `flag` set (all of them stop when one was interrupted)."""
+    if rank.world_size == 1:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def rank_zeros(value: int, rank: group.Rank) -> int:
+    """Rank 0's `value` on every rank (the step count its clock fitted)."""
+    if rank.world_size == 1:
+        return value
+    tensor = torch.tensor([value])
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
