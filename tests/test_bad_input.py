@@ -285,6 +285,11 @@ CASES = [
     Case("set-unknown-optimizer", [*TRAIN, "--set", "optim.name=lion"], ("optim.name", "expected one of", "'lion'")),
     Case("set-device-unknown", [*TRAIN, "--set", "device=tpu"], ("unknown device 'tpu'",)),
     Case("set-device-cuda", [*TRAIN, "--set", "device=cuda"], ("'cuda'", "CUDA is not available"), extra={"skip_if_cuda": True}),
+    Case("nproc-zero", [*TRAIN, "--nproc", "0"], ("--nproc", ">= 1", "'0'"), exit_code=2),
+    Case("nproc-without-strategy", [*TRAIN, "--nproc", "2", "--set", 'parallel.strategy="none"'], ("--nproc 2", 'parallel.strategy "none"', "train alone")),
+    Case("set-bucket-mb-zero", [*TRAIN, "--set", "parallel.bucket_mb=0"], ("--set parallel.bucket_mb=0", "> 0")),
+    Case("set-strategy-unknown", [*TRAIN, "--set", 'parallel.strategy="zero3"'], ("parallel.strategy", "expected one of", "'zero3'")),
+    Case("speedrun-nproc-zero", ["speedrun", "--nproc", "0"], ("--nproc", ">= 1"), exit_code=2),
     Case("set-empty-out-dir", [*TRAIN, "--set", 'out_dir=""'], ("out_dir", "empty string")),
     # ------------------------------------------------------------- train: the data
     Case("data-missing", [*TRAIN, "--set", 'data.train_tokens="missing.bin"'], ("missing.json is missing", "tokenizer encode")),

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_config
+from conftest import synthetic_text, tiny_config
 from torch import nn
 
 from scratchlm.distributed import make_strategy
@@ -283,3 +283,15 @@ def test_a_killed_rank_stops_the_others_with_a_clear_error(data_dir, tmp_path):
     assert "scratchlm: error: rank 1 of 2 failed (signal 9); the other ranks were stopped" in err
     state = read_checkpoint(latest_checkpoint(tmp_path / "run"))  # the last complete checkpoint loads
     assert state["step"] % 20 == 0 and not _children(launcher.pid)
+
+
+def test_speedrun_with_two_processes(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"d{i}.txt").write_text(synthetic_text(2000, seed=i), encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "scratchlm.cli", "speedrun", "--corpus", str(corpus), "--preset",
+                             "tiny", "--minutes", "0.05", "--out", str(tmp_path / "out"), "--nproc", "2"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 processes (ddp)" in result.stdout and (tmp_path / "out" / "report.md").is_file()

@@ -260,7 +260,7 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
     import_torch()
     from scratchlm.speedrun import run_speedrun
 
-    run_speedrun(args.corpus, args.minutes, args.out, args.preset, args.device)
+    run_speedrun(args.corpus, args.minutes, args.out, args.preset, args.device, args.nproc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs/speedrun", help="output directory (default runs/speedrun)")
     run.add_argument("--preset", choices=["cpu", "gpu", "tiny"], default=None, help="default: gpu on CUDA, else cpu")
     run.add_argument("--device", default="auto")
+    run.add_argument("--nproc", type=number(int, 1), default=1, help="processes to train with (PyTorch DDP)")
     run.set_defaults(func=cmd_speedrun)
 
     tok = stages.add_parser("tokenizer", help="train, apply and inspect byte-level BPE tokenizers")

@@ -31,7 +31,7 @@ from scratchlm.data.encode import load_tokens
 from scratchlm.data.prepare import prepare
 from scratchlm.data.sources import resolve_corpus
 from scratchlm.errors import ScratchLMError
-from scratchlm.train.config import TrainConfig, load_config
+from scratchlm.train.config import TrainConfig, load_config, to_toml
 from scratchlm.train.trainer import uses_bf16_autocast
 
 # Presets: overrides of the TrainConfig defaults, plus the MFU the accounting predicts with (measured
@@ -153,6 +153,7 @@ def run_speedrun(
     out_dir: str | os.PathLike = "runs/speedrun",
     preset: str | None = None,
     device: str = "auto",
+    nproc: int = 1,
 ) -> Path:
     from scratchlm.data.loader import resolve_device
     from scratchlm.infer.generate import Sampling, generate, load_run
@@ -187,8 +188,16 @@ def run_speedrun(
     print(accounting_summary(config, prediction))
 
     say(f"5. training for {minutes:g} minutes (Ctrl-C saves a checkpoint; run the same command to resume)")
-    result = train(config)
-    if result.get("interrupted"):
+    if nproc > 1:  # the ranks run `scratchlm train` on the config the other stages use
+        from scratchlm.distributed.group import launch
+
+        atomic_write_text(out.root / "train.toml", to_toml(config))
+        status = launch(nproc, ["train", "--config", str(out.root / "train.toml")])
+        if status == 130:
+            raise KeyboardInterrupt
+        if status:
+            raise SystemExit(status)  # the launcher said which rank failed and why
+    elif train(config).get("interrupted"):
         raise KeyboardInterrupt
 
     say("6. evaluation and samples")
