@@ -86,7 +86,9 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path, data_dir):
     # Python's own start-up, before any of scratchlm's code runs, prints Python's traceback whatever we do.
     for delay in (0.5, 0.7, 0.9, 1.1, 1.3):
         result = _interrupt([*CLI, "train", "--config", "c.toml"], tmp_path, after=delay)
-        assert result.returncode == 130, result.stdout + result.stderr
+        # 130, or ended by the signal itself (-2; a shell shows both as 130): seen once in CI, after the
+        # one line, at the interpreter's exit.
+        assert result.returncode in (130, -signal.SIGINT), result.stdout + result.stderr
         assert "Traceback" not in result.stdout + result.stderr, result.stderr
 
 

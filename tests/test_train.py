@@ -254,6 +254,7 @@ def test_course_checkpoint_interface_round_trips(tmp_path):
 
 def test_train_step_accumulates_the_gradient_of_the_whole_batch(data_dir, tmp_path):
     """Two micro-batches of 4 give the update of one batch of 8 (the mean loss's gradient)."""
+    from scratchlm.distributed.base import Strategy
     from scratchlm.optim import SGD
     from scratchlm.train.setup import build_model
     from scratchlm.train.step import TrainStep
@@ -273,7 +274,7 @@ def test_train_step_accumulates_the_gradient_of_the_whole_batch(data_dir, tmp_pa
     for batch, accum in ((8, 1), (4, 2)):
         config = tiny_config(data_dir, tmp_path, batch_size=batch, grad_accum_steps=accum, **{"optim.grad_clip": 0})
         model = build_model(config, torch.device("cpu"))
-        step = TrainStep(model, SGD(model.parameters(), lr=0.1), model.loss, config, torch.device("cpu"))
+        step = TrainStep(Strategy(model), SGD(model.parameters(), lr=0.1), config, torch.device("cpu"))
         loss, grad_norm = step(Batches(batch), 0.1)
         assert grad_norm is None
         results.append((loss, [p.detach().clone() for p in model.parameters()]))

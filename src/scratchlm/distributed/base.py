@@ -75,7 +75,22 @@ class Strategy:
             optimizer.load_state_dict(optimizer_state)
 
 
-def broadcast_parameters(model: nn.Module) -> None:
-    """Every rank starts from rank 0's weights (and buffers)."""
-    for tensor in [*model.parameters(), *model.buffers()]:
-        dist.broadcast(tensor.data, src=0)
+class Replicated(Strategy):
+    """Data parallelism with the whole model on every rank: every rank starts from rank 0's weights
+    (and buffers), and the subclasses keep them equal by averaging the gradients."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def flatten(grads: list[Tensor]) -> Tensor:
+    """The gradients end to end in one new buffer (what one collective sends)."""
+    return torch.cat([g.reshape(-1) for g in grads]) if grads else torch.zeros(0)
+
+
+def unflatten_into(flat: Tensor, grads: list[Tensor]) -> None:
+    """Copy `flatten(grads)`'s layout back into `grads`."""
+    for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(part.view_as(g))

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scratchlm.distributed.base import Strategy, broadcast_parameters
+from scratchlm.distributed.base import Replicated, flatten, unflatten_into
 
 
 def make_buckets(params: list[nn.Parameter], bucket_mb: float) -> list[list[nn.Parameter]]:
@@ -30,12 +30,11 @@ def make_buckets(params: list[nn.Parameter], bucket_mb: float) -> list[list[nn.P
     return buckets
 
 
-class BucketedDDP(Strategy):
+class BucketedDDP(Replicated):
     name = "bucketed"
 
     def __init__(self, model: nn.Module, bucket_mb: float = 25.0) -> None:
         super().__init__(model)
-        broadcast_parameters(model)
         self.buckets = make_buckets(list(reversed(self.trained_parameters())), bucket_mb)
         self._bucket_of = {p: i for i, bucket in enumerate(self.buckets) for p in bucket}
         self._ready: list[set[nn.Parameter]] = [set() for _ in self.buckets]
@@ -54,7 +53,7 @@ class BucketedDDP(Strategy):
 
     def _launch(self, index: int) -> None:
         grads = [p.grad for p in self.buckets[index] if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads]) if grads else torch.zeros(0)
+        flat = flatten(grads)
         self._launched.append((index, dist.all_reduce(flat, async_op=True), flat, grads))
 
     @contextlib.contextmanager
@@ -69,9 +68,7 @@ class BucketedDDP(Strategy):
                 self._launch(index)
         for _, work, flat, grads in self._launched:
             work.wait()
-            flat /= self.world
-            for g, t in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-                g.copy_(t.view_as(g))
+            unflatten_into(flat / self.world, grads)
         self._launched.clear()
         self._ready = [set() for _ in self.buckets]
         self._syncing = True

@@ -4,17 +4,12 @@ after backward."""
 from __future__ import annotations
 
 import torch.distributed as dist
-from torch import nn
 
-from scratchlm.distributed.base import Strategy, broadcast_parameters
+from scratchlm.distributed.base import Replicated
 
 
-class NaiveDDP(Strategy):
+class NaiveDDP(Replicated):
     name = "naive"
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        broadcast_parameters(model)
 
     def finish_gradients(self) -> None:
         for p in self.trained_parameters():

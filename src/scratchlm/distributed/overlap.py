@@ -9,15 +9,14 @@ from collections.abc import Iterator
 import torch.distributed as dist
 from torch import nn
 
-from scratchlm.distributed.base import Strategy, broadcast_parameters
+from scratchlm.distributed.base import Replicated
 
 
-class OverlappedDDP(Strategy):
+class OverlappedDDP(Replicated):
     name = "overlapped"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        broadcast_parameters(model)
         self._syncing = True  # off during the micro-batches before the last: their gradients only accumulate
         self._pending: list[tuple[dist.Work, nn.Parameter]] = []
         for p in self.trained_parameters():

@@ -46,14 +46,23 @@ def load_checkpoint(src: PathOrFile, model: torch.nn.Module, optimizer: torch.op
     """Restore what `save_checkpoint` saved (from a path or a binary file object) into `model` and
     `optimizer`; returns the iteration. Loads with `weights_only=True`: never runs code."""
     state = read_checkpoint(src)
+    load_state(state, model, optimizer, _name(src))
+    return state["step"]
+
+
+def load_state(state: dict, model: torch.nn.Module, optimizer, where: str, strategy=None) -> None:
+    """Put a checkpoint's model (and optimizer) state in place, or say in one line why it does not fit.
+    strategy: a distributed strategy, which puts the whole state where its shards live."""
     try:
+        if strategy is not None:
+            strategy.load_full_state(state["model"], state["optimizer"] if optimizer is not None else None, optimizer)
+            return
         model.load_state_dict(state["model"])
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, KeyError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ScratchLMError(f"{_name(src)} does not fit this model: {reason}") from None
-    return state["step"]
+        raise ScratchLMError(f"{where} does not fit this model: {reason}") from None
 
 
 def save_run_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, keep: int = 2) -> Path:

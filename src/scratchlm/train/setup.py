@@ -16,7 +16,7 @@ from scratchlm.errors import ScratchLMError
 from scratchlm.model.transformer import TransformerLM
 from scratchlm.optim import SGD, AdaGrad, AdamW
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.checkpoint import check_compatible
+from scratchlm.train.checkpoint import check_compatible, load_state
 from scratchlm.train.config import TrainConfig
 
 
@@ -116,13 +116,4 @@ def restore(model, state: dict, path: Path, config: TrainConfig, optimizer=None,
     was made with this model shape (and this optimizer). strategy: the distributed strategy the model
     trains under, which puts the whole state where its shards live."""
     check_compatible(state, config, path, ("model", "optim") if optimizer is not None else ("model",))
-    try:
-        if strategy is not None:
-            strategy.load_full_state(state["model"], state["optimizer"] if optimizer is not None else None, optimizer)
-            return
-        model.load_state_dict(state["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, KeyError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ScratchLMError(f"{path} does not fit this model: {reason}") from None
+    load_state(state, model, optimizer, str(path), strategy)
