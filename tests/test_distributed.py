@@ -232,6 +232,18 @@ def test_train_nproc_2_equals_one_process_with_the_global_batch(name, data_dir, 
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
 
 
+def test_fsdp2_in_bfloat16_stays_near_float32(data_dir, tmp_path):
+    """fp32 master weights and gradient reduction, blocks computing in bf16: the losses stay within 1%."""
+    one = _config(data_dir, tmp_path / "one", tmp_path, "one", batch_size=8)
+    two = _config(data_dir, tmp_path / "two", tmp_path, "two", batch_size=4,
+                  **{"parallel.strategy": '"fsdp2"', "parallel.compute_dtype": '"bfloat16"'})  # fmt: skip
+    assert subprocess.run([*CLI, "--config", one], capture_output=True).returncode == 0
+    result = subprocess.run([*CLI, "--config", two, "--nproc", "2"], capture_output=True, text=True)
+    assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-2)
+    assert _losses(tmp_path / "two") != _losses(tmp_path / "one")  # it did compute in bf16
+
+
 def test_resume_at_the_same_and_at_another_world_size(data_dir, tmp_path):
     sets = {"batch_size": 4, "parallel.strategy": '"zero1"'}
     whole = _config(data_dir, tmp_path / "whole", tmp_path, "whole", **sets)
