@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, table
 
-STRATEGIES = ["alone", "naive", "flat", "overlapped", "bucketed", "zero1", "ddp", "fsdp2"]
+STRATEGIES = ["alone", "naive", "flat", "overlapped", "bucketed", "zero1", "fsdp", "ddp", "fsdp2"]
 
 
 def _join(rank: int, world: int, port: int, backend: str) -> torch.device:

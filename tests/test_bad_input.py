@@ -308,7 +308,7 @@ CASES = [
     Case("run-locked", resume_case("locked", lambda r: None), ("is in use by pid", "wait for it"), hold_lock=True),
     Case("out-dir-is-file", [*TRAIN, "--set", 'out_dir="a_regular_file"'], ("a_regular_file exists and is not a directory",)),
     Case("latest-empty", resume_case("emptylatest", lambda r: write(r / "checkpoints" / "latest", "")), ("latest is empty", "step_0000100.pt")),
-    Case("latest-dangling", resume_case("dangling", lambda r: write(r / "checkpoints" / "latest", "step_9.pt\n")), ("latest names 'step_9.pt'", "not a file")),
+    Case("latest-dangling", resume_case("dangling", lambda r: write(r / "checkpoints" / "latest", "step_9.pt\n")), ("latest names 'step_9.pt'", "not a checkpoint")),
     Case("checkpoint-truncated", resume_case("ckpt-trunc", lambda r: truncate_half(r / "checkpoints" / "step_0000010.pt")), ("step_0000010.pt", "not a readable scratchlm checkpoint")),
     Case("checkpoint-foreign", resume_case("ckpt-foreign", lambda r: torch.save({"w": 1}, r / "checkpoints" / "step_0000010.pt")), ("step_0000010.pt", "not a scratchlm checkpoint", "'model'")),
     Case("metrics-bad-middle-line", resume_case("metrics", lambda r: write(r / "metrics.jsonl", '{"step": 1}\nnot json\n{"step": 2}\n')), ("metrics.jsonl, line 2", "expected a JSON metrics record")),

@@ -1,6 +1,6 @@
 """Data parallelism on torch.distributed (gloo, world size 2, a free port per test; warnings are errors in
 the ranks): every strategy against single-process training on the union of the ranks' batches, the
-bucketing, the overlap of communication with backward, ZeRO-1's memory, and `scratchlm train --nproc`
+bucketing, the overlap of communication with backward, ZeRO-1's and our FSDP's memory, and `scratchlm train --nproc`
 end to end, with resume and a killed rank.
 
 Tolerance: all-reduce sums the ranks' gradients in another order than one process sums its batch, so
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,19 +25,22 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import synthetic_text, tiny_config
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from scratchlm.distributed import make_strategy
 from scratchlm.distributed.base import Strategy
 from scratchlm.distributed.bucketed import make_buckets
+from scratchlm.distributed.fsdp import Unit
 from scratchlm.distributed.group import free_port
 from scratchlm.distributed.zero import ShardedOptimizer, assign_owners
-from scratchlm.model import ModelConfig, TransformerLM
+from scratchlm.model import ModelConfig, TransformerLM, layers
+from scratchlm.model.layers import Linear
 from scratchlm.optim import AdamW
 from scratchlm.train.checkpoint import latest_checkpoint, read_checkpoint
 from scratchlm.train.config import ParallelConfig, to_toml
 
 WORLD, BATCH, STEPS, CONTEXT, VOCAB = 2, 3, 4, 16, 64
-OURS = ["naive", "flat", "overlapped", "bucketed", "zero1"]
+OURS = ["naive", "flat", "overlapped", "bucketed", "zero1", "fsdp"]
 TORCH = ["ddp", "fsdp2"]
 
 
@@ -202,6 +206,88 @@ def test_zero1_shards_the_optimizer_state_and_equals_torch_adamw(tmp_path):
     assert result["full_state_keys"] == with_state  # the consolidated state is whole
 
 
+def _fsdp_memory_worker(rank: int, port: int, out: str) -> None:
+    """One training step of an 8-block model under our FSDP, measuring the bytes of parameters that
+    exist on this rank (its shards, and every gathered buffer still alive, by a weak reference to its
+    storage; the all-gathers' receiving buffers count too) at every module's forward, every block's gradient
+    and every regather for backward."""
+    _join(rank, port)
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=VOCAB, context_length=CONTEXT, d_model=64, n_layers=8, n_heads=4,
+                                      tie_embeddings=False))  # fmt: skip
+    block_bytes = sum(m.weight.numel() * 4 for m in model.layers[0].modules() if isinstance(m, Linear))
+    root_bytes = (model.token_embeddings.weight.numel() + model.lm_head.weight.numel()) * 4
+    full_bytes = sum(p.numel() * 4 for p in model.parameters())
+    strategy = make_strategy(ParallelConfig(strategy="fsdp"), model)
+    shard_bytes = sum(p.numel() * 4 for p in model.parameters())
+    gathered: dict[int, tuple[StorageWeakRef, int]] = {}
+    real_prefetch, real_gather, real_unpack = Unit.prefetch, Unit.gather, strategy._unpack
+
+    def record(buffer: torch.Tensor) -> torch.Tensor:
+        storage = buffer.untyped_storage()
+        gathered[storage.data_ptr()] = StorageWeakRef(storage), storage.nbytes()
+        return buffer
+
+    def prefetch(unit: Unit) -> None:  # the buffer an all-gather in flight writes to
+        real_prefetch(unit)
+        if unit.pending is not None:
+            record(unit.pending[1])
+
+    def live() -> int:
+        return sum(n for ref, n in gathered.values() if not ref.expired())
+
+    peak = 0
+
+    def measure(*_) -> None:
+        nonlocal peak
+        peak = max(peak, shard_bytes + live())
+
+    Unit.prefetch, Unit.gather = prefetch, lambda unit: record(real_gather(unit))
+    copies, real_stack = [], layers.stack_rows
+    layers.MERGE_MIN_ROWS = 0  # q, k and v as one product, as at training batch sizes
+
+    def stack_rows(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        stacked = real_stack(weights)
+        if len(weights) > 1:
+            copies.append(stacked._base is None)
+        return stacked
+
+    layers.stack_rows = stack_rows
+    strategy._unpack = lambda saved: (real_unpack(saved), measure())[0]
+    for module in model.modules():
+        module.register_forward_pre_hook(measure)
+
+    def measure_in_backward(module, args, out: torch.Tensor) -> None:
+        out.register_hook(measure)
+
+    for block in model.layers:
+        block.register_forward_hook(measure_in_backward)
+    windows = batches()[0][rank * BATCH :][:BATCH]
+    loss = strategy.loss(windows[:, :-1], windows[:, 1:])
+    after_forward = live()
+    loss.backward()
+    strategy.finish_gradients()
+    if rank == 0:
+        Path(out).write_text(json.dumps({"peak": peak, "after_forward": after_forward, "after_step": live(),
+                                         "shards": shard_bytes, "root": root_bytes, "block": block_bytes,
+                                         "full": full_bytes, "stacked": copies}))  # fmt: skip
+    leave()
+
+
+def test_own_fsdp_holds_a_fraction_of_the_parameters(tmp_path):
+    out = tmp_path / "memory.json"
+    mp.spawn(_fsdp_memory_worker, args=(free_port(), str(out)), nprocs=WORLD)
+    m = json.loads(out.read_text())
+    assert m["shards"] == pytest.approx(m["full"] / WORLD, rel=0.01)  # each rank keeps half the rows
+    # At most the root (embeddings and head, whole through forward), the block computing and the next one
+    # prefetched exist whole at once; nothing gathered outlives forward (saved-for-backward weights are
+    # regathered) or the step.
+    assert m["shards"] + m["root"] + m["block"] < m["peak"] <= m["shards"] + m["root"] + 2 * m["block"]
+    assert m["peak"] < 0.8 * m["full"], m
+    assert m["after_forward"] == 0 and m["after_step"] == 0
+    assert m["stacked"] == [False] * 8  # q|k|v: a view of the gathered buffer, not a copy kept for backward
+
+
 # ------------------------------------------------------------------------------ scratchlm train --nproc
 
 CLI = [sys.executable, "-m", "scratchlm.cli", "train"]
@@ -221,7 +307,7 @@ def _losses(run: Path) -> list[float]:
     ]
 
 
-@pytest.mark.parametrize("name", ["bucketed", "fsdp2"])
+@pytest.mark.parametrize("name", ["bucketed", "fsdp", "fsdp2"])
 def test_train_nproc_2_equals_one_process_with_the_global_batch(name, data_dir, tmp_path):
     one = _config(data_dir, tmp_path / "one", tmp_path, "one", batch_size=8)
     two = _config(data_dir, tmp_path / "two", tmp_path, "two", batch_size=4, **{"parallel.strategy": f'"{name}"'})
@@ -232,11 +318,13 @@ def test_train_nproc_2_equals_one_process_with_the_global_batch(name, data_dir, 
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
 
 
-def test_fsdp2_in_bfloat16_stays_near_float32(data_dir, tmp_path):
-    """fp32 master weights and gradient reduction, blocks computing in bf16: the losses stay within 1%."""
+@pytest.mark.parametrize("name, dtype", [("fsdp", "bfloat16"), ("fsdp", "float16"), ("fsdp2", "bfloat16")])
+def test_sharded_training_in_half_precision_stays_near_float32(name, dtype, data_dir, tmp_path):
+    """fp32 master weights and gradient reduction, blocks computing in bf16 / fp16: the losses stay
+    within 1%."""
     one = _config(data_dir, tmp_path / "one", tmp_path, "one", batch_size=8)
     two = _config(data_dir, tmp_path / "two", tmp_path, "two", batch_size=4,
-                  **{"parallel.strategy": '"fsdp2"', "parallel.compute_dtype": '"bfloat16"'})  # fmt: skip
+                  **{"parallel.strategy": f'"{name}"', "parallel.compute_dtype": f'"{dtype}"'})  # fmt: skip
     assert subprocess.run([*CLI, "--config", one], capture_output=True).returncode == 0
     result = subprocess.run([*CLI, "--config", two, "--nproc", "2"], capture_output=True, text=True)
     assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
@@ -244,14 +332,17 @@ def test_fsdp2_in_bfloat16_stays_near_float32(data_dir, tmp_path):
     assert _losses(tmp_path / "two") != _losses(tmp_path / "one")  # it did compute in bf16
 
 
-def test_resume_at_the_same_and_at_another_world_size(data_dir, tmp_path):
-    sets = {"batch_size": 4, "parallel.strategy": '"zero1"'}
+@pytest.mark.parametrize("name", ["zero1", "fsdp", "fsdp2"])
+def test_resume_at_the_same_and_at_another_world_size(name, data_dir, tmp_path):
+    sets = {"batch_size": 4, "parallel.strategy": f'"{name}"'}
     whole = _config(data_dir, tmp_path / "whole", tmp_path, "whole", **sets)
     assert subprocess.run([*CLI, "--config", whole, "--nproc", "2"], capture_output=True).returncode == 0
     resumed = _config(data_dir, tmp_path / "resumed", tmp_path, "resumed", **sets)
     assert subprocess.run([*CLI, "--config", resumed, "--nproc", "2"], capture_output=True).returncode == 0
     checkpoints = tmp_path / "resumed" / "checkpoints"
-    step10 = sorted(checkpoints.glob("step_*.pt"))[0]
+    step10 = sorted(checkpoints.glob("step_*"))[0]
+    # A DCP directory: each rank wrote its own file, the coordinator the metadata.
+    assert sorted(p.name for p in step10.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "run.pt"]
     (checkpoints / "latest").write_text(step10.name + "\n")  # rewind to step 10, then resume
     result = subprocess.run([*CLI, "--config", resumed, "--nproc", "2"], capture_output=True, text=True)
     assert result.returncode == 0 and "resuming" in result.stdout, result.stderr
@@ -259,8 +350,7 @@ def test_resume_at_the_same_and_at_another_world_size(data_dir, tmp_path):
     # The world-2 checkpoint at step 10, continued by one process with the same global batch.
     state = read_checkpoint(step10)
     assert state["step"] == 10 and state["world_size"] == 2
-    (tmp_path / "single" / "checkpoints").mkdir(parents=True)
-    torch.save(state, tmp_path / "single" / "checkpoints" / step10.name)
+    shutil.copytree(step10, tmp_path / "single" / "checkpoints" / step10.name)
     (tmp_path / "single" / "checkpoints" / "latest").write_text(step10.name + "\n")
     single = _config(data_dir, tmp_path / "single", tmp_path, "single", batch_size=8)
     result = subprocess.run([*CLI, "--config", single], capture_output=True, text=True)

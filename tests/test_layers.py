@@ -20,6 +20,7 @@ from scratchlm.model.layers import (
     causal_mask,
     scaled_dot_product_attention,
     softmax,
+    stack_rows,
 )
 
 torch.manual_seed(0)
@@ -235,3 +236,20 @@ def test_linear_decode_path_matches_and_follows_weight_changes(x_shape, d_out, k
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
         layer.load_state_dict({"weight": torch.randn(d_out, 16)})
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
+
+
+def test_weights_end_to_end_in_one_buffer_stack_as_a_view_with_the_same_gradients():
+    """`stack_rows` of views that lie end to end (as FSDP gathers a block) is a view of their buffer, not
+    a copy that backward would keep; values and gradients equal torch.cat's."""
+    buffer = torch.randn(3 * 4 * 5, requires_grad=True)
+    views = tuple(part.view(4, 5) for part in buffer.split(20))
+    stacked = stack_rows(views)
+    assert stacked.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    torch.testing.assert_close(stacked, torch.cat(views), rtol=0, atol=0)
+    x = torch.randn(7, 5)
+    (grad,) = torch.autograd.grad((x @ stacked.mT).square().sum(), buffer)
+    (expected,) = torch.autograd.grad((x @ torch.cat(views).mT).square().sum(), buffer)
+    torch.testing.assert_close(grad, expected)
+    apart = (views[0], views[2])  # not end to end: a copy
+    assert stack_rows(apart).untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+    torch.testing.assert_close(stack_rows(apart), torch.cat(apart), rtol=0, atol=0)

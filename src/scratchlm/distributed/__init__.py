@@ -3,7 +3,7 @@
 A strategy is a transformation applied to the built model (as torchtitan applies parallelism); the
 model's modules and the training loop do not know which one runs. `group` starts and joins the
 process group (`scratchlm train --nproc N`, or torchrun); `base` says what a strategy is; one module
-each holds our own (`naive`, `flat`, `overlap`, `bucketed`, `zero` for ZeRO-1) and `native` PyTorch's
+each holds our own (`naive`, `flat`, `overlap`, `bucketed`, `zero` for ZeRO-1, `fsdp`) and `native` PyTorch's
 (DDP, FSDP2), all behind that one interface, chosen by `[parallel] strategy`.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from scratchlm.errors import ScratchLMError
 
-STRATEGIES = ("none", "naive", "flat", "overlapped", "bucketed", "zero1", "ddp", "fsdp2")
+STRATEGIES = ("none", "naive", "flat", "overlapped", "bucketed", "zero1", "fsdp", "ddp", "fsdp2")
 
 
 def make_strategy(parallel, model):
@@ -26,6 +26,10 @@ def make_strategy(parallel, model):
         )
     if name in ("bucketed", "zero1"):
         return (bucketed.BucketedDDP if name == "bucketed" else zero.ZeRO1)(model, parallel.bucket_mb)
+    if name == "fsdp":
+        from scratchlm.distributed.fsdp import OwnFSDP
+
+        return OwnFSDP(model, parallel.compute_dtype)
     if name == "fsdp2":
         return native.TorchFSDP2(model, parallel.compute_dtype)
     if name == "ddp":

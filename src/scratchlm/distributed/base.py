@@ -74,6 +74,30 @@ class Strategy:
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
 
+    def sharded_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, dict]]:
+        """What this rank writes to a distributed checkpoint (`scratchlm.distributed.checkpoint`): the
+        tensors, keyed `model.<name>` and `optim.<parameter name>.<state key>` (a shard as a DTensor; a
+        tensor every rank holds is written once), and the optimizer's other per-parameter state
+        ({parameter name: {key: value}}) for the parameters whose state this rank holds."""
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        tensors = {f"model.{k}": self.distributed(v) for k, v in self.model.state_dict(keep_vars=True).items()}
+        values: dict[str, dict] = {}
+        for p, state in self.optimizer_state(optimizer):
+            for key, value in state.items():
+                if isinstance(value, Tensor):
+                    tensors[f"optim.{names[id(p)]}.{key}"] = self.distributed(value, p)
+                else:
+                    values.setdefault(names[id(p)], {})[key] = value
+        return tensors, values
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> list[tuple[Tensor, dict]]:
+        """(parameter, its optimizer state) for the parameters whose state this rank holds."""
+        return list(optimizer.state.items())
+
+    def distributed(self, tensor: Tensor, param: Tensor | None = None) -> Tensor:
+        """`tensor` (a parameter, or `param`'s optimizer state) as the checkpoint holds it."""
+        return tensor.detach()
+
 
 class Replicated(Strategy):
     """Data parallelism with the whole model on every rank: every rank starts from rank 0's weights

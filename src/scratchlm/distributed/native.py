@@ -73,8 +73,26 @@ class TorchFSDP2(Strategy):
         return (get_model_state_dict(self.model, options=options),
                 get_optimizer_state_dict(self.model, optimizer, options=options))  # fmt: skip
 
+    def sharded_state(self, optimizer) -> tuple[dict[str, Tensor], dict[str, dict]]:
+        """The DTensor shards by PyTorch's state-dict API (FSDP2 swaps the modules' parameters between
+        sharded and whole, so they are read through it, by name)."""
+        tensors = {f"model.{k}": v for k, v in get_model_state_dict(self.model).items()}
+        values: dict[str, dict] = {}
+        for name, state in get_optimizer_state_dict(self.model, optimizer)["state"].items():
+            for key, value in state.items():
+                if isinstance(value, Tensor):
+                    tensors[f"optim.{name}.{key}"] = value
+                else:
+                    values.setdefault(name, {})[key] = value
+        return tensors, values
+
     def load_full_state(self, model_state: dict, optimizer_state: dict | None, optimizer) -> None:
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, model_state, options=options)
-        if optimizer_state is not None:
-            set_optimizer_state_dict(self.model, optimizer, optimizer_state, options=options)
+        if optimizer_state is not None:  # PyTorch's API takes the state by parameter name, not number
+            names = {id(p): name for name, p in self.model.named_parameters()}
+            order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+            by_name = {"state": {order[i]: state for i, state in optimizer_state["state"].items()},
+                       "param_groups": [{**g, "params": [order[i] for i in g["params"]]}
+                                        for g in optimizer_state["param_groups"]]}  # fmt: skip
+            set_optimizer_state_dict(self.model, optimizer, by_name, options=options)

@@ -106,5 +106,8 @@ class ZeRO1(BucketedDDP):
         optimizer_cls, groups, kwargs = build(self.model, spec=True)
         return ShardedOptimizer(groups, optimizer_cls, **kwargs)
 
+    def optimizer_state(self, optimizer: ShardedOptimizer) -> list:
+        return list(optimizer.local.state.items()) if optimizer.local is not None else []
+
 
 __all__ = ["ShardedOptimizer", "ZeRO1", "assign_owners"]

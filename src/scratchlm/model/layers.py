@@ -45,7 +45,26 @@ def project(x: Tensor, weights: tuple[Tensor, ...], owner: nn.Module) -> Tensor:
         if owner._decode is None or not owner._decode.matches(weights, x):
             owner._decode = DecodeWeight(weights, x)
         return owner._decode.matmul(x)
-    return x @ (weights[0] if len(weights) == 1 else torch.cat(weights)).mT
+    return x @ stack_rows(weights).mT
+
+
+def stack_rows(weights: tuple[Tensor, ...]) -> Tensor:
+    """[W_1; W_2; ...]: (sum of d_out, d_in). A view where the weights already lie end to end in one
+    buffer (as `scratchlm.distributed.fsdp` gathers a block's weights), else a copy."""
+    if len(weights) == 1:
+        return weights[0]
+    base, end = weights[0]._base, weights[0].storage_offset()
+    for w in weights:
+        if (
+            base is None
+            or w._base is not base
+            or not (w.is_contiguous() and base.is_contiguous())
+            or w.storage_offset() != end
+        ):
+            return torch.cat(weights)
+        end += w.numel()
+    start = weights[0].storage_offset() - base.storage_offset()
+    return base.reshape(-1)[start : start + end - weights[0].storage_offset()].view(-1, weights[0].shape[-1])
 
 
 def trunc_normal_(weight: Tensor, std: float) -> Tensor:

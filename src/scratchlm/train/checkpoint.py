@@ -66,7 +66,7 @@ def load_state(state: dict, model: torch.nn.Module, optimizer, where: str, strat
 
 
 def save_run_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, keep: int = 2) -> Path:
-    """Write `checkpoints/step_<step>.pt`, point `latest` at it, keep the newest `keep` files.
+    """Write `checkpoints/step_<step>.pt`, point `latest` at it, keep the newest `keep` checkpoints.
 
     A failed write (a full disk) raises a clear error and leaves the previous checkpoint the latest."""
     directory = Path(run_dir) / "checkpoints"
@@ -74,7 +74,7 @@ def save_run_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, keep
     try:
         with atomic_open(path) as f:
             torch.save(state, f)
-        atomic_write_text(directory / "latest", path.name + "\n")
+        point_latest_at(path, keep)
     except (OSError, RuntimeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
         if "enforce fail" in reason or "file write failed" in reason:  # torch's zip writer hides the errno
@@ -86,9 +86,15 @@ def save_run_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, keep
             f"could not write checkpoint {path}: {reason}; the latest checkpoint is still "
             f"{previous.name if previous else 'none'}"
         ) from None
-    for old in sorted(directory.glob("step_*.pt"))[:-keep]:
-        old.unlink(missing_ok=True)
     return path
+
+
+def point_latest_at(path: Path, keep: int = 2) -> None:
+    """Name the complete checkpoint `path` in `checkpoints/latest`; remove all but the newest `keep`
+    checkpoints (files of one process, directories of several)."""
+    atomic_write_text(path.parent / "latest", path.name + "\n")
+    for old in sorted(path.parent.glob("step_*"), key=lambda p: p.name.removesuffix(".pt"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -100,13 +106,18 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     if not name:
         raise ScratchLMError(f"{pointer} is empty: expected the name of a checkpoint file such as step_0000100.pt")
     path = pointer.parent / name
-    if "/" in name or not path.is_file():
-        raise ScratchLMError(f"{pointer} names {name!r}, which is not a file in {pointer.parent}")
+    if "/" in name or not path.exists():
+        raise ScratchLMError(f"{pointer} names {name!r}, which is not a checkpoint in {pointer.parent}")
     return path
 
 
 def read_checkpoint(src: PathOrFile, map_location="cpu") -> dict:
-    """A checkpoint's state dict, from a path or a binary file object (`weights_only=True`)."""
+    """A checkpoint's state dict, from a path or a binary file object (`weights_only=True`); a
+    directory is a checkpoint of several processes (`scratchlm.distributed.checkpoint`), read whole."""
+    if isinstance(src, str | os.PathLike) and Path(src).is_dir():
+        from scratchlm.distributed.checkpoint import read_sharded_checkpoint
+
+        return read_sharded_checkpoint(Path(src), map_location)
     try:
         state = torch.load(src, map_location=map_location, weights_only=True)
     except FileNotFoundError:

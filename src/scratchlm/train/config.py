@@ -57,9 +57,9 @@ class ParallelConfig:
     """How a run with several processes (`scratchlm train --nproc N`, torchrun) splits the work:
     `scratchlm.distributed`. batch_size is per process; the global batch is the sum over them."""
 
-    strategy: Literal["none", "naive", "flat", "overlapped", "bucketed", "zero1", "ddp", "fsdp2"] = "ddp"
+    strategy: Literal["none", "naive", "flat", "overlapped", "bucketed", "zero1", "fsdp", "ddp", "fsdp2"] = "ddp"
     bucket_mb: float = field(default=25.0, metadata=above(0))  # bucketed, zero1
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # fsdp2: the dtype blocks compute in
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # fsdp, fsdp2: the dtype blocks compute in
     find_unused_parameters: bool = False  # ddp: the model has a parameter that gets no gradient
 
     def __post_init__(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from scratchlm.atomic import atomic_write_text, check_writable, remove_stale_tem
 from scratchlm.data.loader import BatchSampler, resolve_device
 from scratchlm.distributed import group, make_strategy
 from scratchlm.distributed.base import Strategy
+from scratchlm.distributed.checkpoint import save_sharded_checkpoint
 from scratchlm.errors import ScratchLMError
 from scratchlm.lock import directory_lock
 from scratchlm.optim.schedule import CosineSchedule
@@ -53,7 +55,8 @@ def train(config: TrainConfig, fresh: bool = False, quiet: bool = False) -> dict
     locked while it trains: a second `train` on it stops with a message naming the first.
 
     Under `scratchlm train --nproc N` or torchrun, each process joins the process group and trains its
-    part with `config.parallel.strategy`; rank 0 prints, writes the metrics and the checkpoints.
+    part with `config.parallel.strategy`; rank 0 prints and writes the metrics, and every rank writes its
+    part of each checkpoint (`scratchlm.distributed.checkpoint`).
     """
     rank = group.from_environment()
     setup_cpu(config, int(os.environ.get("LOCAL_WORLD_SIZE", rank.world_size)))
@@ -106,7 +109,7 @@ def _train(config: TrainConfig, device: torch.device, data: tuple, fresh: bool, 
         say(f"resuming {run_dir} from {checkpoint.name} (step {step} of {total_steps})")
     elif fresh and rank.is_main and (run_dir / "checkpoints").exists():
         for old in (run_dir / "checkpoints").glob("*"):
-            old.unlink()
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     if rank.is_main:
         # A resumed run keeps the metrics up to its checkpoint and drops any logged after it.
         records = read_metrics(run_dir / "metrics.jsonl", up_to_step=step if checkpoint else -1)
@@ -129,13 +132,8 @@ def _train(config: TrainConfig, device: torch.device, data: tuple, fresh: bool, 
     # MFU per process: its own tokens against its own device's peak.
     progress = Progress(log, peak, flops_per_token, config.tokens_per_step, step, start, say)
 
-    def save() -> Path | None:
-        model_state, optimizer_state = strategy.full_state(optimizer)  # collective: every rank takes part
-        if not rank.is_main:
-            return None
-        return save_run_checkpoint(run_dir, step, {
-            "model": model_state,
-            "optimizer": optimizer_state,
+    def save() -> Path:
+        run_state = {
             "sampler": sampler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,  # dropout's masks
@@ -145,7 +143,11 @@ def _train(config: TrainConfig, device: torch.device, data: tuple, fresh: bool, 
             "elapsed_s": elapsed_before + (time.perf_counter() - start),
             "config": to_toml(config),
             "world_size": rank.world_size,
-        })  # fmt: skip
+        }
+        if rank.world_size > 1:  # every rank writes its part (collective)
+            return save_sharded_checkpoint(run_dir, step, strategy, optimizer, run_state)
+        return save_run_checkpoint(run_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                                   **run_state})  # fmt: skip
 
     final: dict = {}
     checked_step, stopping = step, False
