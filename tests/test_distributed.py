@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from conftest import synthetic_text, tiny_config
 from torch import nn
@@ -30,9 +31,11 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from scratchlm.distributed import make_strategy
 from scratchlm.distributed.base import Strategy
 from scratchlm.distributed.bucketed import make_buckets
+from scratchlm.distributed.checkpoint import save_sharded_checkpoint
 from scratchlm.distributed.fsdp import Unit
 from scratchlm.distributed.group import free_port
 from scratchlm.distributed.zero import ShardedOptimizer, assign_owners
+from scratchlm.errors import ScratchLMError
 from scratchlm.model import ModelConfig, TransformerLM, layers
 from scratchlm.model.layers import Linear
 from scratchlm.optim import AdamW
@@ -242,7 +245,16 @@ def _fsdp_memory_worker(rank: int, port: int, out: str) -> None:
         nonlocal peak
         peak = max(peak, shard_bytes + live())
 
-    Unit.prefetch, Unit.gather = prefetch, lambda unit: record(real_gather(unit))
+    def gather(unit: Unit) -> torch.Tensor:
+        received = unit.pending[1].untyped_storage() if unit.pending is not None else None
+        address = received.data_ptr() if received is not None else None
+        full = record(real_gather(unit))
+        if received is not None:  # copied out into `full` and freed
+            assert received.nbytes() == 0
+            del gathered[address]
+        return full
+
+    Unit.prefetch, Unit.gather = prefetch, gather
     copies, real_stack = [], layers.stack_rows
     layers.MERGE_MIN_ROWS = 0  # q, k and v as one product, as at training batch sizes
 
@@ -286,6 +298,42 @@ def test_own_fsdp_holds_a_fraction_of_the_parameters(tmp_path):
     assert m["peak"] < 0.8 * m["full"], m
     assert m["after_forward"] == 0 and m["after_step"] == 0
     assert m["stacked"] == [False] * 8  # q|k|v: a view of the gathered buffer, not a copy kept for backward
+
+
+def _failed_save_worker(rank: int, port: int, run: str, out: str) -> None:
+    _join(rank, port)
+    model = make_model()
+    strategy = make_strategy(ParallelConfig(strategy="fsdp"), model)
+    optimizer = strategy.optimizer(build)
+    train(strategy, optimizer, rank, WORLD)
+    save_sharded_checkpoint(run, 1, strategy, optimizer, {"step": 1})
+    if rank == 1:  # this rank's disk fills up while it writes its part of the next checkpoint
+
+        def full_disk(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        dcp.FileSystemWriter.write_data = full_disk
+    try:
+        save_sharded_checkpoint(run, 2, strategy, optimizer, {"step": 2})
+        error = ""
+    except ScratchLMError as exc:
+        error = str(exc)
+    errors = [""] * WORLD
+    dist.all_gather_object(errors, error)
+    if rank == 0:
+        Path(out).write_text(json.dumps(errors))
+    leave()
+
+
+def test_a_checkpoint_that_one_rank_fails_to_write_never_becomes_the_latest(tmp_path):
+    out = tmp_path / "errors.json"
+    mp.spawn(_failed_save_worker, args=(free_port(), str(tmp_path / "run"), str(out)), nprocs=WORLD)
+    errors = json.loads(out.read_text())
+    assert all("could not write checkpoint" in e and "latest checkpoint is still step_0000001" in e for e in errors)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_0000001"]  # no half directory
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000001"
+    assert read_checkpoint(checkpoints / "step_0000001")["step"] == 1
 
 
 # ------------------------------------------------------------------------------ scratchlm train --nproc

@@ -94,6 +94,7 @@ class Unit:
             self.pending = None
             by_weight = received.view(self.world, -1).split(self.shard_numels, dim=1)
             self.full = torch.cat([gather_rows(s, w.numel) for s, w in zip(by_weight, self.weights, strict=True)])
+            received.untyped_storage().resize_(0)  # freed now, whatever the finished collective still holds
         return self.full
 
     def views(self, full: Tensor) -> Iterator[tuple[ShardedWeight, Tensor]]:
