@@ -138,3 +138,21 @@ def test_greedy_decoding_on_cuda_matches_the_cpu(data_dir, tmp_path):
     on_cpu, _ = generate(cpu, tokenizer, prompts, sampling)
     on_gpu, _ = generate(gpu, tokenizer, prompts, sampling)
     assert [g.token_ids for g in on_gpu] == [g.token_ids for g in on_cpu]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_model_trains_alike_with_our_triton_attention_and_sdpa(dtype):
+    pytest.importorskip("triton")
+    from scratchlm.kernels import attention_choice
+
+    model = small_model().to(CUDA, dtype)
+    x = torch.randint(0, 500, (4, 64), device=CUDA)
+    results = {}
+    for name in ("triton", "sdpa"):
+        with attention_choice.forced(name):
+            results[name] = loss_and_grads(model, x, x.roll(-1, 1))
+    (loss_t, grads_t), (loss_s, grads_s) = results["triton"], results["sdpa"]
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert abs(loss_t - loss_s) <= tol * abs(loss_s)
+    for name in grads_s:
+        assert relative_error(grads_t[name], grads_s[name]) <= 5 * tol, name

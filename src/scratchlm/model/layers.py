@@ -4,8 +4,9 @@ softmax, dropout, scaled dot-product attention and causal multi-head self-attent
 PyTorch supplies tensors, autograd and the `nn.Module` / `nn.Parameter` containers. With `fused=True`
 a module uses a fused kernel for the same math where one exists: our own C kernels on CPU
 (`scratchlm.model.kernels`: RMSNorm, SwiGLU's activation, causal attention for short sequences), else
-PyTorch's (`F.scaled_dot_product_attention`, `F.rms_norm`, `F.silu`, `F.dropout`); tests check every path
-against the written-out one.
+PyTorch's (`F.scaled_dot_product_attention`, `F.rms_norm`, `F.silu`, `F.dropout`); on CUDA, causal
+attention is our Triton FlashAttention-2 where it beats SDPA at the shape (`kernels.attention_choice`).
+Tests check every path against the written-out one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scratchlm.kernels import attention_choice
 from scratchlm.model import kernels
 
 # Merging the q, k and v projections into one matmul copies their weights on every call: worth it for
@@ -402,6 +404,8 @@ class CausalSelfAttention(nn.Module):
         if self.fused and n_q == 1 and key_mask is None:  # a decoding step: the one query sees every key
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=grouped)
         if self.fused and n_q == n_k and key_mask is None:
+            if q.is_cuda and not (p or grouped):  # ours (Triton FlashAttention-2) where it is faster
+                return attention_choice.causal_attention(q, k, v)
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=grouped)
         mask = causal_mask(n_q, n_k, q.device)
         if key_mask is not None:
