@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from scratchlm import accounting
+from scratchlm.bench.memory import saved_for_backward
 from scratchlm.model import ModelConfig, TransformerLM, kernels
 
 CONFIGS = [
@@ -60,19 +61,7 @@ def test_training_flops_and_six_n_t():
 
 def measured_saved_bytes(model, ids, targets) -> int:
     """Bytes of distinct storages saved for backward in one training step, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model.loss(ids, targets)
-    loss.backward()
-    return sum(seen.values())
+    return sum(saved_for_backward(model, ids, targets).values())
 
 
 @pytest.mark.parametrize(
@@ -183,3 +172,50 @@ def test_this_cpus_measured_peak_is_above_its_floor():
     if floor is None:
         pytest.skip("no AVX2/AVX-512 here: no floor is derived")
     assert accounting.robust_cpu_peak() >= 0.8 * floor  # the floor is a real lower bound (idle or not quite)
+
+
+CHECKPOINTED = ModelConfig(vocab_size=1000, context_length=128, d_model=128, n_layers=4, n_heads=4)
+
+
+@pytest.mark.parametrize("mode", ["none", "blocks", "every:2", "every:3"])
+def test_saved_bytes_by_kind_match_the_prediction_with_and_without_checkpointing(mode):
+    config = ModelConfig(**{**vars(CHECKPOINTED), "activation_checkpointing": mode})
+    torch.manual_seed(0)
+    model = TransformerLM(config)
+    batch, seq = 4, config.context_length
+    ids, targets = (torch.randint(0, config.vocab_size, (batch, seq)) for _ in range(2))
+    measured = saved_for_backward(model, ids, targets)
+    predicted = {k: 4 * v for k, v in accounting.activation_elements(config, batch, seq).items()}
+    for kind in ("norms", "attention", "feed-forward", "checkpointed block inputs", "lm head + loss"):
+        assert abs(measured[kind] - predicted[kind]) <= 0.15 * max(predicted[kind], 1), (kind, measured, predicted)
+    # Each checkpointed block keeps exactly its input, (batch, seq, d_model) float32.
+    assert measured["checkpointed block inputs"] == config.checkpointed_layers * batch * seq * config.d_model * 4
+    assert measured["embeddings"] == batch * seq * 8  # the token ids (int64) the lookup keeps
+
+
+def test_checkpointing_cuts_saved_memory_by_the_predicted_factor():
+    torch.manual_seed(0)
+    batch, seq = 4, CHECKPOINTED.context_length
+    ids, targets = (torch.randint(0, CHECKPOINTED.vocab_size, (batch, seq)) for _ in range(2))
+    measured, predicted = {}, {}
+    for mode in ("none", "blocks"):
+        config = ModelConfig(**{**vars(CHECKPOINTED), "activation_checkpointing": mode})
+        measured[mode] = measured_saved_bytes(TransformerLM(config), ids, targets)
+        predicted[mode] = accounting.memory_estimate(config, batch, seq).activations
+    factor_measured = measured["none"] / measured["blocks"]
+    factor_predicted = predicted["none"] / predicted["blocks"]
+    assert factor_measured > 3
+    assert abs(factor_measured - factor_predicted) / factor_predicted < 0.1, (factor_measured, factor_predicted)
+
+
+def test_checkpointing_adds_one_blocks_recompute_and_lets_a_larger_batch_fit():
+    config = accounting.PRESETS["gpt2-small"]
+    blocks = ModelConfig(**{**vars(config), "activation_checkpointing": "blocks"})
+    plain, checkpointed = (accounting.memory_estimate(c, 8, 1024, "fp32", "cuda") for c in (config, blocks))
+    assert plain.recompute == 0
+    one_block = (plain.activations - accounting.memory_estimate(
+        ModelConfig(**{**vars(config), "n_layers": 11}), 8, 1024, "fp32", "cuda").activations)  # fmt: skip
+    assert checkpointed.recompute == one_block
+    assert checkpointed.activations == plain.activations - 12 * (one_block - 4 * 8 * 1024 * 768)
+    assert accounting.largest_batch(blocks, 1024, 80 * 2**30, "fp32", "cuda") > 5 * accounting.largest_batch(
+        config, 1024, 80 * 2**30, "fp32", "cuda")  # fmt: skip

@@ -47,11 +47,11 @@ OURS = ["naive", "flat", "overlapped", "bucketed", "zero1", "fsdp"]
 TORCH = ["ddp", "fsdp2"]
 
 
-def make_model(tied: bool = True) -> TransformerLM:
+def make_model(tied: bool = True, checkpointing: str = "none") -> TransformerLM:
     """Tied embeddings, a frozen parameter (the final norm's gain) and one that never gets a gradient."""
     torch.manual_seed(0)
     model = TransformerLM(ModelConfig(vocab_size=VOCAB, context_length=CONTEXT, d_model=32, n_layers=2, n_heads=4,
-                                      tie_embeddings=tied))  # fmt: skip
+                                      tie_embeddings=tied, activation_checkpointing=checkpointing))  # fmt: skip
     model.ln_final.weight.requires_grad_(False)
     model.unused = nn.Parameter(torch.zeros(5))
     return model
@@ -100,7 +100,8 @@ def leave() -> None:
 
 def _strategy_worker(rank: int, port: int, name: str, out: str) -> None:
     _join(rank, port)
-    model = make_model()
+    name, _, checkpointing = name.partition("/")
+    model = make_model(checkpointing=checkpointing or "none")
     strategy = make_strategy(ParallelConfig(strategy=name, bucket_mb=0.01, find_unused_parameters=True), model)
     optimizer = strategy.optimizer(build)
     train(strategy, optimizer, rank, WORLD)
@@ -116,7 +117,7 @@ def single_process_parameters() -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-@pytest.mark.parametrize("name", OURS + TORCH)
+@pytest.mark.parametrize("name", [*OURS, *TORCH, "fsdp/blocks", "ddp/every:2", "fsdp2/blocks"])  # name/checkpointing
 def test_every_strategy_equals_one_process_on_the_union_of_the_batches(name, tmp_path):
     out = tmp_path / "params.pt"
     mp.spawn(_strategy_worker, args=(free_port(), name, str(out)), nprocs=WORLD)

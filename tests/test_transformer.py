@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from scratchlm.checks import ConfigError
 from scratchlm.model import ModelConfig, TransformerLM, head
 
 
@@ -207,3 +208,28 @@ def test_fused_head_loss_refuses_a_second_backward():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("mode", ["blocks", "every:2"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_checkpointing_gives_identical_gradients(mode, dropout):
+    base = ModelConfig(vocab_size=300, context_length=64, d_model=64, n_layers=3, n_heads=4, dropout=dropout)
+    grads = {}
+    for checkpointing in ("none", mode):
+        torch.manual_seed(0)
+        model = TransformerLM(ModelConfig(**{**vars(base), "activation_checkpointing": checkpointing}))
+        ids = torch.randint(0, 300, (4, 64))
+        torch.manual_seed(1)  # the same dropout masks, drawn again by the recomputation
+        model.loss(ids, ids.roll(-1, 1)).backward()
+        grads[checkpointing] = {name: p.grad for name, p in model.named_parameters()}
+    for name, grad in grads["none"].items():
+        assert torch.equal(grads[mode][name], grad), name
+
+
+def test_activation_checkpointing_takes_none_blocks_or_every_k():
+    assert [ModelConfig(n_layers=5, activation_checkpointing="every:2").is_checkpointed(i) for i in range(5)] == [
+        True, False, True, False, True]  # fmt: skip
+    assert ModelConfig(n_layers=3, activation_checkpointing="blocks").checkpointed_layers == 3
+    for bad in ("every:0", "every:x", "all", ""):
+        with pytest.raises(ConfigError, match=r"activation_checkpointing.*every:K"):
+            ModelConfig(activation_checkpointing=bad)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from scratchlm import accounting
 from scratchlm.model.config import ModelConfig
+
+PRECISIONS = ("fp32", "bf16-mixed")
 
 
 def account(
@@ -15,7 +17,7 @@ def account(
     precision_dtype = "fp32" if device == "cpu" else "bf16"
     peak = accounting.device_peak_flops(device, precision_dtype)
     device_type = "cpu" if device == "cpu" else "cuda"
-    memory = {p: asdict(accounting.memory_estimate(config, batch, seq, p, device_type)) for p in ("fp32", "bf16-mixed")}
+    memory = {p: asdict(accounting.memory_estimate(config, batch, seq, p, device_type)) for p in PRECISIONS}
     for p in memory:
         memory[p]["total"] = sum(memory[p].values())
     return {
@@ -36,9 +38,15 @@ def account(
         },
         "largest_batch": {
             "memory_gb": memory_gb,
-            **{
-                p: accounting.largest_batch(config, seq, memory_gb * 2**30, p, device_type)
-                for p in ("fp32", "bf16-mixed")
+            **{p: accounting.largest_batch(config, seq, memory_gb * 2**30, p, device_type) for p in PRECISIONS},
+            "by_activation_checkpointing": {
+                mode: {
+                    p: accounting.largest_batch(
+                        replace(config, activation_checkpointing=mode), seq, memory_gb * 2**30, p, device_type
+                    )
+                    for p in PRECISIONS
+                }
+                for mode in dict.fromkeys(("none", "blocks", config.activation_checkpointing))
             },
         },
     }
@@ -77,7 +85,7 @@ def format_account(report: dict) -> str:
         f"memory for training with AdamW      {'fp32':>16} {'bf16-mixed':>16}",
     ]
     mem = report["memory_bytes"]
-    for kind in ("parameters", "gradients", "optimizer", "activations", "total"):
+    for kind in ("parameters", "gradients", "optimizer", "activations", "recompute", "total"):
         lines.append(f"  {kind:<34} {_gib(mem['fp32'][kind]):>16} {_gib(mem['bf16-mixed'][kind]):>16}")
     tm, lb = report["time"], report["largest_batch"]
     hours = tm["seconds"] / 3600
@@ -87,5 +95,9 @@ def format_account(report: dict) -> str:
         f"at {tm['mfu']:.0%} MFU: {hours:,.2f} hours",
         f"largest batch (seq {report['seq']}) in {lb['memory_gb']:g} GiB: "
         f"fp32 {lb['fp32']}, bf16-mixed {lb['bf16-mixed']}",
+        *(
+            f"  with activation_checkpointing = {mode!r}: fp32 {n['fp32']}, bf16-mixed {n['bf16-mixed']}"
+            for mode, n in lb["by_activation_checkpointing"].items()
+        ),
     ]
     return "\n".join(lines)

@@ -94,14 +94,18 @@ def training_flops_per_token(config: ModelConfig) -> float:
 # ----------------------------------------------------------------------------------------- memory
 @dataclass
 class MemoryEstimate:
+    """Bytes for training. activations: saved for backward after the forward; recompute: the most that
+    activation checkpointing adds during backward (one checkpointed block's activations at a time)."""
+
     parameters: int
     gradients: int
     optimizer: int
     activations: int
+    recompute: int = 0
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + self.activations
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.recompute
 
 
 def uses_c_attention(config: ModelConfig, seq: int, device: str = "cpu", precision: str = "fp32") -> bool:
@@ -112,38 +116,62 @@ def uses_c_attention(config: ModelConfig, seq: int, device: str = "cpu", precisi
     return device == "cpu" and precision == "fp32" and not config.dropout and fits
 
 
+def _layer_elements(config: ModelConfig, tokens: int, seq: int, c_attention: bool) -> dict[str, int]:
+    """What one block that is not checkpointed saves for backward, by kind (see `activation_elements`)."""
+    d, kv, ff, h = config.d_model, config.n_kv_heads * config.d_head, config.d_ff, config.n_heads
+    attention_per_token = d + 2 * d + 2 * kv + h + (0 if c_attention else d + kv)
+    attention_fixed = (d + 2 * kv) * d + (0 if c_attention else 2 * seq * config.d_head)
+    return {
+        "norms": 2 * (d + 1) * tokens,
+        "attention": attention_per_token * tokens + attention_fixed,
+        "feed-forward": (d + (3 * ff if config.ffn == "swiglu" else 2 * ff)) * tokens,
+    }
+
+
 def activation_elements(
     config: ModelConfig, batch: int, seq: int, device: str = "cpu", precision: str = "fp32"
 ) -> dict[str, int]:
-    """Elements of the tensors the fused training path saves for backward (measured op by op with
-    saved-tensor hooks, and checked within 15% by the tests).
+    """Elements of the tensors the fused training path saves for backward, by kind (measured op by op
+    with saved-tensor hooks, `scratchlm.bench.memory`, and checked within 15% by the tests).
 
-    Per layer and token: the two RMSNorms (input and 1/rms: d + 1 each) and the inputs of the
-    projections they feed (q|k|v, and w1 and w3: d each) = 4 d + 2; attention: the q|k|v projection
-    output, the output and its log-sum-exp per head = 2 d + 2 kv + heads, and with PyTorch's attention
-    (not `uses_c_attention`) also q and k after RoPE (d + kv); the FFN: gate and up (the SwiGLU
-    activation's inputs) and the gated product (3 d_ff; 2 d_ff for the plain SiLU FFN). Per layer,
-    whatever the batch: the concatenated q|k|v weights, and PyTorch's attention the RoPE rotations.
-    Then the final norm (d + 1 per token) and the fused head's gradients (d per token + vocab x d).
+    Per block and token: the two RMSNorms, input and 1/rms each (2 d + 2); attention: its input (the
+    norm's output), the q|k|v projection output, the output and its log-sum-exp per head
+    (3 d + 2 kv + heads), and with PyTorch's attention (not `uses_c_attention`) also q and k after RoPE
+    (d + kv); the FFN: its input, gate and up (the SwiGLU activation's inputs) and the gated product
+    (d + 3 d_ff; d + 2 d_ff for the plain SiLU FFN). Per block, whatever the batch: the concatenated
+    q|k|v weights, and PyTorch's attention the RoPE rotations. A checkpointed block keeps only its
+    input (d per token). Then the final norm (d + 1 per token) and the fused head's gradients (d per
+    token + vocab x d).
     """
-    d, kv, ff, h = config.d_model, config.n_kv_heads * config.d_head, config.d_ff, config.n_heads
-    tokens = batch * seq
-    c_attention = uses_c_attention(config, seq, device, precision)
-    attention = 2 * d + 2 * kv + h + (0 if c_attention else d + kv)
-    per_token = (4 * d + 2) + attention + (3 * ff if config.ffn == "swiglu" else 2 * ff)
-    per_layer_fixed = (d + 2 * kv) * d + (0 if c_attention else 2 * seq * config.d_head)
+    d, tokens = config.d_model, batch * seq
+    kept = config.n_layers - config.checkpointed_layers
+    layer = _layer_elements(config, tokens, seq, uses_c_attention(config, seq, device, precision))
     return {
-        "layers": config.n_layers * (per_token * tokens + per_layer_fixed),
-        "final norm + head": (2 * d + 1) * tokens + config.vocab_size * d,
+        "norms": kept * layer["norms"] + (d + 1) * tokens,
+        "attention": kept * layer["attention"],
+        "feed-forward": kept * layer["feed-forward"],
+        "checkpointed block inputs": config.checkpointed_layers * d * tokens,
+        "lm head + loss": d * tokens + config.vocab_size * d,
     }
+
+
+def recompute_elements(config: ModelConfig, batch: int, seq: int, device: str = "cpu", precision: str = "fp32") -> int:
+    """With activation checkpointing, the elements one checkpointed block holds while it is recomputed
+    in backward (one at a time); 0 without."""
+    if not config.checkpointed_layers:
+        return 0
+    c_attention = uses_c_attention(config, seq, device, precision)
+    return sum(_layer_elements(config, batch * seq, seq, c_attention).values())
 
 
 def dropout_mask_bytes(config: ModelConfig, batch: int, seq: int) -> int:
     """With dropout, one byte per element kept for backward where it applies outside attention: the
-    embeddings and each layer's two residual branches. Attention-weight dropout keeps no mask in the
-    flash kernels (CUDA: they regenerate it from the RNG seed); PyTorch's CPU attention with dropout
-    falls back to its math path, which keeps (heads x seq x seq) weights per layer, not counted here."""
-    return (2 * config.n_layers + 1) * batch * seq * config.d_model if config.dropout else 0
+    embeddings and each block's two residual branches (not for checkpointed blocks, which draw their
+    masks again). Attention-weight dropout keeps no mask in the flash kernels (CUDA: they regenerate it
+    from the RNG seed); PyTorch's CPU attention with dropout falls back to its math path, which keeps
+    (heads x seq x seq) weights per layer, not counted here."""
+    kept = config.n_layers - config.checkpointed_layers
+    return (2 * kept + 1) * batch * seq * config.d_model if config.dropout else 0
 
 
 def memory_estimate(
@@ -152,9 +180,11 @@ def memory_estimate(
     """Bytes for training with AdamW on a device of this type ("cpu", "cuda", ...). precision "fp32", or
     "bf16-mixed": fp32 master weights, gradients and AdamW state, bf16 activations (autocast)."""
     n = parameter_counts(config)["total"]
+    width = 4 if precision == "fp32" else 2
     act_elements = sum(activation_elements(config, batch, seq, device, precision).values())
-    act_bytes = act_elements * (4 if precision == "fp32" else 2) + dropout_mask_bytes(config, batch, seq)
-    return MemoryEstimate(parameters=4 * n, gradients=4 * n, optimizer=8 * n, activations=act_bytes)
+    act_bytes = act_elements * width + dropout_mask_bytes(config, batch, seq)
+    recompute = recompute_elements(config, batch, seq, device, precision) * width
+    return MemoryEstimate(4 * n, 4 * n, 8 * n, act_bytes, recompute)
 
 
 def largest_batch(

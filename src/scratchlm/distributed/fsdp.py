@@ -11,6 +11,8 @@ final norm, the LM head). A unit's weights exist whole only while it computes:
               backward reaches next); the gathered weights' gradient is reduce-scattered to the shards in
               fp32 and the copy is freed.
 
+A block under activation checkpointing gathers its unit again when backward recomputes it.
+
 Saved-for-backward tensors that lie in a gathered buffer (a weight, a view of one, q|k|v stacked) are
 replaced by a note of where they lie (`saved_tensors_hooks`), so no gathered copy outlives its unit's
 forward. Other parameters (the norms' gains) are replicated, their gradients all-reduced as in DDP.
@@ -172,9 +174,31 @@ class OwnFSDP(Strategy):
         self._live: dict[int, Unit] = {}  # storage address of a gathered forward buffer -> its unit
         backward_order = [self.root, *reversed(self.blocks)]
         self._backward_next = dict(itertools.pairwise(backward_order))
+        self._entered: set[Unit] = set()  # the units whose forward ran in this step
         for i, block in enumerate(blocks):
+            if getattr(block, "checkpointed", False):  # its body runs again in backward: gather for that too
+                block._forward = self._gathering(i, block._forward)
+                continue
             block.register_forward_pre_hook(lambda m, args, i=i: self._enter(self.blocks[i], self.units[i + 2 :]))
             block.register_forward_hook(lambda m, args, out, i=i: self._leave(self.blocks[i]))
+
+    def _gathering(self, i: int, body):
+        """A checkpointed block's body (`TransformerBlock._forward`) with its unit gathered around it, in
+        forward and again when backward recomputes it. The recomputation's graph only refills the saved
+        tensors; the forward's `GatheredWeights` node still reduce-scatters the gradient, once."""
+
+        def run(*args):
+            unit = self.blocks[i]
+            recomputing = unit in self._entered
+            self._entered.add(unit)
+            following = self._backward_next.get(unit)
+            self._enter(unit, ([following] if following else []) if recomputing else self.units[i + 2 :])
+            try:
+                return body(*args)
+            finally:
+                self._leave(unit)
+
+        return run
 
     def _shard(self, model: nn.Module, blocks: list[nn.Module]) -> list[list[ShardedWeight]]:
         """Replace every Linear / Embedding weight by this rank's rows of it; the weights of each unit
@@ -234,6 +258,7 @@ class OwnFSDP(Strategy):
         return full.as_strided(saved.size, saved.stride, saved.offset)
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        self._entered.clear()
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             self._enter(self.root, self.blocks)
             try:

@@ -16,6 +16,18 @@ def default_d_ff(d_model: int) -> int:
     return max(64, round(8 * d_model / 3 / 64) * 64)
 
 
+def checkpoint_interval(value: str) -> int:
+    """`activation_checkpointing` as K, one block in K checkpointed: "none" 0, "blocks" 1, "every:K" K."""
+    if value == "none":
+        return 0
+    if value == "blocks":
+        return 1
+    k = value.removeprefix("every:")
+    if value.startswith("every:") and k.isdigit() and int(k) >= 1:
+        return int(k)
+    raise ConfigError("activation_checkpointing", f'expected "none", "blocks" or "every:K" with K >= 1, got {value!r}')
+
+
 @dataclass
 class ModelConfig:
     """The shape and the options of a TransformerLM."""
@@ -35,6 +47,9 @@ class ModelConfig:
     fused_kernels: bool = True  # F.scaled_dot_product_attention and F.rms_norm where they exist
     # While training: on the embeddings, each residual branch and the attention weights.
     dropout: float = field(default=0.0, metadata=between(0, 1, high_open=True))
+    # Recompute blocks in backward instead of keeping their activations: "none", "blocks" (every block) or
+    # "every:K" (blocks 0, K, 2K, ...): saved memory falls to the block inputs for the checkpointed blocks.
+    activation_checkpointing: str = "none"
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -46,6 +61,7 @@ class ModelConfig:
             raise ConfigError(
                 ("n_heads", "d_model"), f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
             )
+        checkpoint_interval(self.activation_checkpointing)  # a bad value fails when the config is made
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 "n_kv_heads", f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
@@ -60,6 +76,20 @@ class ModelConfig:
     @property
     def d_head(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def checkpoint_every(self) -> int:
+        """K when one block in K is checkpointed (1: every block), 0 for none."""
+        return checkpoint_interval(self.activation_checkpointing)
+
+    def is_checkpointed(self, layer: int) -> bool:
+        """Whether block `layer` is recomputed in backward."""
+        every = self.checkpoint_every
+        return bool(every) and layer % every == 0
+
+    @property
+    def checkpointed_layers(self) -> int:
+        return sum(self.is_checkpointed(i) for i in range(self.n_layers))
 
 
 MODEL_PRESETS = {

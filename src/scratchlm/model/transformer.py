@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from scratchlm.model.config import ModelConfig
 from scratchlm.model.head import lm_head_cross_entropy
@@ -27,8 +28,11 @@ from scratchlm.train.loss import cross_entropy
 class TransformerBlock(nn.Module):
     """Pre-norm: x + attn(norm(x)), then + ffn(norm(.)). Post-norm: norm(x + attn(x)), norm(. + ffn(.))."""
 
-    def __init__(self, config: ModelConfig, rope: RotaryEmbedding | None, device=None, dtype=None) -> None:
+    def __init__(
+        self, config: ModelConfig, rope: RotaryEmbedding | None, device=None, dtype=None, checkpointed: bool = False
+    ) -> None:
         super().__init__()
+        self.checkpointed = checkpointed  # recomputed in backward (non-reentrant torch.utils.checkpoint)
         fused = config.fused_kernels
         self.pre_norm = config.norm_position == "pre"
         self.ln1 = RMSNorm(config.d_model, fused=fused, device=device, dtype=dtype)
@@ -44,6 +48,11 @@ class TransformerBlock(nn.Module):
         self, x: Tensor, positions: Tensor | None = None, cache: KVCache | None = None, key_mask: Tensor | None = None
     ) -> Tensor:
         """x: (batch, seq, d_model) -> (batch, seq, d_model)"""
+        if self.checkpointed and cache is None and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, positions, None, key_mask, use_reentrant=False)
+        return self._forward(x, positions, cache, key_mask)
+
+    def _forward(self, x: Tensor, positions: Tensor | None, cache: KVCache | None, key_mask: Tensor | None) -> Tensor:
         if self.pre_norm:
             x = x + self.dropout(self.attn(self.ln1(x), positions, cache, key_mask))
             return x + self.dropout(self.ffn(self.ln2(x)))
@@ -60,7 +69,9 @@ class TransformerLM(nn.Module):
         rope = None
         if config.position_embedding == "rope":
             rope = RotaryEmbedding(config.d_head, config.context_length, config.rope_theta, device)
-        self.layers = nn.ModuleList(TransformerBlock(config, rope, device, dtype) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(
+            TransformerBlock(config, rope, device, dtype, config.is_checkpointed(i)) for i in range(config.n_layers)
+        )
         self.ln_final = RMSNorm(config.d_model, fused=config.fused_kernels, device=device, dtype=dtype)
         self.lm_head = Linear(config.d_model, config.vocab_size, device, dtype)
         if config.tie_embeddings:
