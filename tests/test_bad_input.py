@@ -336,6 +336,12 @@ CASES = [
     Case("export-out-is-file", ["export", "--run", "run", "--out", "a_regular_file", "--force"], ("a_regular_file", "not a directory")),
     Case("export-no-run", ["export", "--run", "nope", "--out", "cases/hf"], ("nope is not a run directory",)),
     # ------------------------------------------------------------- account
+    # ------------------------------------------------------------- bench
+    Case("bench-config-and-size", ["bench", "--config", "train.toml", "--size", "cpu-tiny"], ("--config and --size", "give one")),
+    Case("bench-unknown-size", ["bench", "--size", "huge"], ("--size", "invalid choice", "'huge'"), exit_code=2),
+    Case("bench-steps-zero", ["bench", "--steps", "0"], ("--steps", ">= 1", "'0'"), exit_code=2),
+    Case("bench-bad-checkpointing", ["bench", "--set", "model.activation_checkpointing=every:0"], ("activation_checkpointing", "every:K", "'every:0'")),
+    Case("bench-context-negative", ["bench", "--context", "-4"], ("--context", ">= 1", "'-4'"), exit_code=2),
     Case("account-batch-negative", [*ACCOUNT, "--batch", "-1"], ("--batch", ">= 1", "'-1'"), exit_code=2),
     Case("account-mfu-zero", [*ACCOUNT, "--mfu", "0"], ("--mfu", "(0, 1]", "'0'"), exit_code=2),
     Case("account-mfu-above-one", [*ACCOUNT, "--mfu", "1.5"], ("--mfu", "(0, 1]"), exit_code=2),

@@ -1,7 +1,7 @@
 """The `scratchlm` command. Sub-commands follow the pipeline:
 
 speedrun (all of it) = tokenizer train|encode|stats -> data prepare -> train -> eval -> generate -> export;
-account (costs before you spend them)
+account (costs before you spend them), bench (time, profile and memory, measured)
 """
 
 from __future__ import annotations
@@ -245,6 +245,43 @@ def cmd_account(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=1) if args.json else format_account(report))
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    import json
+
+    from scratchlm.bench.sizes import CPU_DEFAULTS, GPU_DEFAULTS
+
+    if args.config and args.size:
+        raise ScratchLMError("--config and --size: give one (a size is a model shape; a config has its own)")
+    import_torch()
+    import torch
+
+    from scratchlm.bench.run import HEADER, bench_one, format_details, format_timings, resolve
+    from scratchlm.bench.timing import MODES
+    from scratchlm.train.setup import setup_cpu
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)  # fmt: skip
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ScratchLMError("--device cuda: no CUDA GPU is visible to PyTorch")
+    names = [Path(args.config).stem] if args.config else args.size or list(
+        GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS)  # fmt: skip
+    modes = list(MODES) if args.mode == "all" else [args.mode]
+    results = []
+    for name in names:
+        config = resolve(args.config, None if args.config else name, args.set or [], args.batch, args.context)
+        setup_cpu(config)
+        results.append(bench_one(name, config, device, modes, args.dtype, args.compile, args.warmup, args.steps,
+                                 args.profile, args.memory, Path(args.out)))  # fmt: skip
+        if not args.json:
+            print("\n".join([*([HEADER] if len(results) == 1 else []), *format_timings(results[-1])]), flush=True)
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return
+    for result in results:
+        if details := format_details(result):
+            print("\n".join(details))
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     import_torch()
     from scratchlm.infer import load_run
@@ -354,6 +391,30 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output directory (new or empty, unless --force)")
     exp.add_argument("--force", action="store_true", help="replace the files an earlier export wrote in --out")
     exp.set_defaults(func=cmd_export)
+
+    from scratchlm.bench.sizes import SIZES
+    from scratchlm.bench.timing import DTYPES, MODES
+
+    be = stages.add_parser("bench", help="time, profile and measure the memory of training steps (a size or a config)")
+    sizes_help = "a named size, repeatable (default: cpu-tiny, cpu-small; on CUDA small, medium, large)"
+    be.add_argument("--size", action="append", choices=list(SIZES), help=sizes_help)
+    be.add_argument("--config", help="a TOML training config instead of a size")
+    be.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override, e.g. model.activation_checkpointing=blocks"
+    )
+    be.add_argument("--mode", choices=[*MODES, "all"], default="all", help="what to time (default all)")
+    be.add_argument("--batch", type=number(int, 1), default=None, help="batch size (default: the size's)")
+    be.add_argument("--context", type=number(int, 1), default=None, help="sequence length (default: the size's)")
+    be.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="fp32, or autocast to bf16 / fp16")
+    be.add_argument("--compile", action="store_true", help="torch.compile the model's loss")
+    be.add_argument("--warmup", type=number(int, 0), default=2, help="untimed steps first (default 2)")
+    be.add_argument("--steps", type=number(int, 1), default=5, help="timed steps (default 5)")
+    be.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    be.add_argument("--profile", action="store_true", help="torch.profiler: Chrome trace + top operators")
+    be.add_argument("--memory", action="store_true", help="saved-for-backward bytes by kind; CUDA: peak + snapshot")
+    be.add_argument("--out", default="runs/bench", help="where traces and snapshots go (default runs/bench)")
+    be.add_argument("--json", action="store_true", help="machine-readable output")
+    be.set_defaults(func=cmd_bench)
 
     from scratchlm.model.config import MODEL_PRESETS
 
