@@ -64,7 +64,14 @@ def test_named_sizes_are_the_courses():
 
 
 def test_matmuls_are_told_from_other_operators():
-    for name in ("aten::mm", "aten::addmm", "aten::bmm", "sm90_xmma_gemm_bf16bf16", "ampere_sgemm_128x64_tn"):
+    for name in (
+        "aten::mm",
+        "aten::addmm",
+        "aten::addmm_",
+        "aten::bmm",
+        "sm90_xmma_gemm_bf16bf16",
+        "ampere_sgemm_128x64_tn",
+    ):
         assert is_matmul(name), name
     for name in ("aten::add", "aten::mul", "_RMSNorm", "aten::mm_backward_helper"):
         assert not is_matmul(name), name

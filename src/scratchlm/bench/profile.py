@@ -2,8 +2,8 @@
 operators that take the most self time, with the share of the time spent in matmuls.
 
 On CPU the rows are ATen operators (self CPU time); on CUDA, GPU kernels and the operators that launch
-them (self device time). Matmuls: ATen's mm / addmm / bmm / baddbmm / _scaled_mm and oneDNN's linear on
-CPU, GEMM kernels (cuBLAS, CUTLASS) on CUDA.
+them (self device time). Matmuls: ATen's mm / addmm / bmm / baddbmm / _scaled_mm (in place or not)
+and oneDNN's linear on CPU, GEMM kernels (cuBLAS, CUTLASS) on CUDA.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from scratchlm.bench.timing import Workload
 
 MATMUL = re.compile(
-    r"^aten::(mm|addmm|bmm|baddbmm|_scaled_mm|_int_mm|_weight_int8pack_mm)$|mkldnn.*linear|gemm|cutlass|xmma|cublas",
+    r"^aten::(mm|addmm|bmm|baddbmm|_scaled_mm|_int_mm|_weight_int8pack_mm)_?$|mkldnn.*linear|gemm|cutlass|xmma|cublas",
     re.IGNORECASE,
 )
 
