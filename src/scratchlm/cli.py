@@ -1,7 +1,7 @@
 """The `scratchlm` command. Sub-commands follow the pipeline:
 
 speedrun (all of it) = tokenizer train|encode|stats -> data prepare -> train -> eval -> generate -> export;
-account (costs before you spend them), bench (time, profile and memory, measured)
+account (costs before you spend them), bench (time, profile and memory, measured), fit (scaling laws)
 """
 
 from __future__ import annotations
@@ -282,6 +282,26 @@ def cmd_bench(args: argparse.Namespace) -> None:
             print("\n".join(details))
 
 
+def cmd_fit(args: argparse.Namespace) -> None:
+    import json
+
+    from scratchlm.scaling.fit import fit_all, fit_approaches
+    from scratchlm.scaling.plot import plot_frontier, plot_isoflops
+    from scratchlm.scaling.points import load_runs
+    from scratchlm.scaling.report import format_fit
+
+    runs = load_runs(args.data)
+    fits = fit_approaches(runs)
+    report = fit_all(runs, args.predict, args.bootstrap, args.seed, fits)
+    if args.plots:
+        out, frontiers = Path(args.plots), {k: fits[k] for k in ("approach 1", "approach 2")}
+        report["plots"] = [
+            str(plot_isoflops(runs, fits["approach 2"], out / "isoflops.png")),
+            str(plot_frontier(frontiers, fits["approach 3"], args.predict, out / "frontier.png")),
+        ]
+    print(json.dumps(report, indent=1) if args.json else format_fit(report))
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     import_torch()
     from scratchlm.infer import load_run
@@ -415,6 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--out", default="runs/bench", help="where traces and snapshots go (default runs/bench)")
     be.add_argument("--json", action="store_true", help="machine-readable output")
     be.set_defaults(func=cmd_bench)
+
+    fit = stages.add_parser("fit", help="scaling laws from runs: Chinchilla's approaches 1-3, predictions, plots")
+    fit.add_argument("data", help="runs: a sweep's results.json, CS336's IsoFLOP JSON, or a CSV (N, D or C, loss)")
+    fit.add_argument("--predict", type=number(float, 0, low_open=True), help="a compute budget (FLOPs) to predict at")
+    fit.add_argument("--bootstrap", type=number(int, 0), default=200, help="resamples for the intervals (default 200)")
+    fit.add_argument("--seed", type=number(int, 0), default=0)
+    fit.add_argument("--plots", metavar="DIR", help="write isoflops.png and frontier.png into DIR")
+    fit.add_argument("--json", action="store_true", help="machine-readable output")
+    fit.set_defaults(func=cmd_fit)
 
     from scratchlm.model.config import MODEL_PRESETS
 

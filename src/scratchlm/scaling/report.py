@@ -1,0 +1,44 @@
+"""`scratchlm fit`: the three approaches' results and predictions as a readable report."""
+
+from __future__ import annotations
+
+
+def _with_interval(values: dict, intervals: dict, key: str, fmt: str) -> str:
+    low_high = intervals.get(key) or []
+    bounds = f" [{format(low_high[0], fmt)}, {format(low_high[1], fmt)}]" if low_high else ""
+    return f"{format(values[key], fmt)}{bounds}"
+
+
+def format_fit(report: dict) -> str:
+    budgets = report["budgets"]
+    a = report["approaches"]
+    first = a["approach 1"]
+    lines = [
+        f"{report['runs']} runs at {len(budgets)} budgets ({budgets[0]:.2e} to {budgets[-1]:.2e} FLOPs); "
+        f"95% bootstrap intervals from {first['bootstrap']['resamples']} resamples",
+        "",
+    ]
+    titles = {"approach 1": "lower envelope", "approach 2": "IsoFLOP parabolas"}
+    for name, title in titles.items():
+        v, i = a[name]["values"], a[name]["intervals"]
+        lines.append(f"{name} ({title}): N_opt ∝ C^{_with_interval(v, i, 'n_opt exponent', '.4f')}, "
+                     f"D_opt ∝ C^{_with_interval(v, i, 'd_opt exponent', '.4f')}")  # fmt: skip
+    v, i = a["approach 3"]["values"], a["approach 3"]["intervals"]
+    lines += [
+        "approach 3 (parametric): L(N, D) = E + A / N^alpha + B / D^beta with",
+        *(f"  {key:<6} {_with_interval(v, i, key, '.6g')}" for key in ("E", "A", "alpha", "B", "beta")),
+        f"  N_opt ∝ C^{_with_interval(v, i, 'n_opt exponent', '.4f')}, "
+        f"D_opt ∝ C^{_with_interval(v, i, 'd_opt exponent', '.4f')}",
+    ]
+    if report["target"] is not None:
+        lines += ["", f"prediction at {report['target']:.3e} FLOPs:"]
+        for name in ("approach 1", "approach 2", "approach 3"):
+            v, i = a[name]["values"], a[name]["intervals"]
+            text = (f"  {name}: N_opt {_with_interval(v, i, 'predicted n_opt', '.4g')}, "
+                    f"D_opt {_with_interval(v, i, 'predicted d_opt', '.4g')}")  # fmt: skip
+            if "predicted loss" in v:
+                text += f", loss {_with_interval(v, i, 'predicted loss', '.4f')}"
+            lines.append(text)
+    if report.get("plots"):
+        lines += ["", "plots: " + ", ".join(report["plots"])]
+    return "\n".join(lines)
