@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels' tests run under Triton's interpreter. Triton reads TRITON_INTERPRET once,
+# when something first imports it (torch.compile and torch.distributed can), so it is set before anything else.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from scratchlm.data.prepare import prepare
 from scratchlm.train.config import TrainConfig, load_config

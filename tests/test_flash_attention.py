@@ -1,12 +1,11 @@
 """FlashAttention-2 in PyTorch and in Triton against plain PyTorch attention in float64: the output,
 the log-sum-exp L, dQ, dK and dV, causal and not, at lengths that do not divide the tiles.
 
-The Triton kernels run on CPU under the Triton interpreter (TRITON_INTERPRET=1, set here before
-Triton is imported) where there is no GPU; it has no bfloat16, so bf16 runs only on a GPU.
+The Triton kernels run on CPU under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py
+before Triton is imported) where there is no GPU; it has no bfloat16, so bf16 runs only on a GPU.
 """
 
 import math
-import os
 
 import pytest
 import torch
@@ -14,8 +13,6 @@ import torch.nn.functional as F
 
 from scratchlm.kernels.flash_attention import FlashAttention2, flash_backward, flash_forward
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 try:
     from scratchlm.kernels import flash_triton
 except ImportError:

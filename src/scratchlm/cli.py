@@ -1,7 +1,8 @@
 """The `scratchlm` command. Sub-commands follow the pipeline:
 
 speedrun (all of it) = tokenizer train|encode|stats -> data prepare -> train -> eval -> generate -> export;
-account (costs before you spend them), bench (time, profile and memory, measured), fit (scaling laws)
+account (costs before you spend them), bench (time, profile and memory, measured),
+sweep run|status -> fit (scaling laws)
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     from scratchlm.bench.run import HEADER, bench_one, format_details, format_timings, resolve
-    from scratchlm.bench.timing import MODES
+    from scratchlm.bench.sizes import MODES
     from scratchlm.train.setup import setup_cpu
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -300,6 +301,86 @@ def cmd_fit(args: argparse.Namespace) -> None:
             str(plot_frontier(frontiers, fits["approach 3"], args.predict, out / "frontier.png")),
         ]
     print(json.dumps(report, indent=1) if args.json else format_fit(report))
+
+
+def _sweep_runs(args: argparse.Namespace):
+    from scratchlm.scaling.sweep import load_sweep, plan
+
+    spec = load_sweep(args.spec)
+    return spec, plan(spec)
+
+
+def cmd_sweep_run(args: argparse.Namespace) -> None:
+    import_torch()
+    from scratchlm.executor import Job, LocalExecutor, RayExecutor, python_command
+    from scratchlm.scaling.sweep import collect, read_result, write_plan
+
+    spec, runs = _sweep_runs(args)
+    left = [run for run in runs if read_result(run) is None]
+    workers = args.workers or 1
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    flops = sum(r.flops for r in left)
+    print(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(left)} done, {len(left)} to run ({flops:.3g} "
+          f"FLOPs) with {workers} at a time on {args.executor}", flush=True)  # fmt: skip
+    by_key = {run.key: run for run in left}
+    jobs = []
+    for run in left:
+        write_plan(run)
+        command = python_command("-m", "scratchlm.scaling.job", str(run.run_dir), "--threads", str(threads))
+        jobs.append(Job(run.key, command, run.run_dir / "job.log"))
+    failed: list[str] = []
+    finished = len(runs) - len(left)
+
+    def done(job: Job, status: int) -> None:
+        nonlocal finished
+        run = by_key[job.name]
+        result = read_result(run)
+        if status or result is None:
+            failed.append(f"{job.name} (exit {status}; see {job.log})")
+            print(f"  {job.name}: failed (exit {status}); log: {job.log}", flush=True)
+            return
+        finished += 1
+        labels = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in run.labels.items())
+        print(f"  [{finished}/{len(runs)}] {run.budget:.2e} FLOPs, {labels}, seed {run.seed}: "
+              f"val loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits/byte", flush=True)  # fmt: skip
+
+    if args.executor == "ray":
+        executor = RayExecutor(args.ray_address, num_cpus=threads, local_cpus=os.cpu_count())
+        try:
+            executor.run(jobs, done)
+        finally:
+            executor.shutdown()
+    else:
+        LocalExecutor(workers).run(jobs, done)
+    results = collect(spec, runs)
+    print(f"results: {len(results)} runs in {Path(spec.out_dir) / 'results.json'} and results.csv")
+    if failed:
+        raise ScratchLMError(f"{len(failed)} runs failed: {'; '.join(failed)}")
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> None:
+    from scratchlm.lock import is_locked
+    from scratchlm.scaling.sweep import read_result
+
+    spec, runs = _sweep_runs(args)
+    counts, spent, planned = {"done": 0, "running": 0, "started": 0, "left": 0}, 0.0, 0.0
+    for run in runs:
+        planned += run.flops
+        if read_result(run) is not None:
+            state = "done"
+            spent += run.flops
+        elif is_locked(run.run_dir):
+            state = "running"
+        elif (run.run_dir / "checkpoints").exists():
+            state = "started"
+        else:
+            state = "left"
+        counts[state] += 1
+        labels = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in run.labels.items())
+        print(f"{run.key}  {state:<8} {run.budget:9.2e} FLOPs  seed {run.seed}  {labels}")
+    print(f"sweep {spec.name}: {len(runs)} runs: {counts['done']} done, {counts['running']} running, "
+          f"{counts['started']} started (resumable), {counts['left']} left; "
+          f"{spent:.3g} of {planned:.3g} FLOPs spent in finished runs")  # fmt: skip
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -412,8 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--force", action="store_true", help="replace the files an earlier export wrote in --out")
     exp.set_defaults(func=cmd_export)
 
-    from scratchlm.bench.sizes import SIZES
-    from scratchlm.bench.timing import DTYPES, MODES
+    from scratchlm.bench.sizes import DTYPE_NAMES, MODES, SIZES
 
     be = stages.add_parser("bench", help="time, profile and measure the memory of training steps (a size or a config)")
     sizes_help = "a named size, repeatable (default: cpu-tiny, cpu-small; on CUDA small, medium, large)"
@@ -425,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--mode", choices=[*MODES, "all"], default="all", help="what to time (default all)")
     be.add_argument("--batch", type=number(int, 1), default=None, help="batch size (default: the size's)")
     be.add_argument("--context", type=number(int, 1), default=None, help="sequence length (default: the size's)")
-    be.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="fp32, or autocast to bf16 / fp16")
+    be.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="fp32, or autocast to bf16 / fp16")
     be.add_argument("--compile", action="store_true", help="torch.compile the model's loss")
     be.add_argument("--warmup", type=number(int, 0), default=2, help="untimed steps first (default 2)")
     be.add_argument("--steps", type=number(int, 1), default=5, help="timed steps (default 5)")
@@ -435,6 +515,18 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--out", default="runs/bench", help="where traces and snapshots go (default runs/bench)")
     be.add_argument("--json", action="store_true", help="machine-readable output")
     be.set_defaults(func=cmd_bench)
+
+    sweep = stages.add_parser("sweep", help="run a grid of training runs defined by compute budgets")
+    sweep_cmds = sweep.add_subparsers(dest="command", required=True)
+    sweep_run = sweep_cmds.add_parser("run", help="run what is not done (resumes interrupted runs); results.json")
+    sweep_run.add_argument("spec", help="the sweep file (TOML)")
+    sweep_run.add_argument("--executor", choices=["local", "ray"], default="local")
+    sweep_run.add_argument("--workers", type=number(int, 1), default=1, help="runs at once (default 1)")
+    sweep_run.add_argument("--ray-address", help="a Ray cluster (default: a local Ray instance)")
+    sweep_run.set_defaults(func=cmd_sweep_run)
+    sweep_status = sweep_cmds.add_parser("status", help="done / running / left, and the FLOPs spent")
+    sweep_status.add_argument("spec", help="the sweep file (TOML)")
+    sweep_status.set_defaults(func=cmd_sweep_status)
 
     fit = stages.add_parser("fit", help="scaling laws from runs: Chinchilla's approaches 1-3, predictions, plots")
     fit.add_argument("data", help="runs: a sweep's results.json, CS336's IsoFLOP JSON, or a CSV (N, D or C, loss)")

@@ -39,4 +39,6 @@ SIZES = {
     "2.7B": Size(2560, 10240, 32, 32),
 }
 CPU_DEFAULTS = ("cpu-tiny", "cpu-small")
+MODES = ("forward", "forward-backward", "step")
+DTYPE_NAMES = ("fp32", "bf16", "fp16")  # fp32, or autocast to a half dtype
 GPU_DEFAULTS = ("small", "medium", "large")

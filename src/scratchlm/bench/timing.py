@@ -19,8 +19,7 @@ from scratchlm import accounting
 from scratchlm.train.config import TrainConfig
 from scratchlm.train.setup import build_model, build_optimizer
 
-MODES = ("forward", "forward-backward", "step")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # DTYPE_NAMES
 
 
 @dataclass

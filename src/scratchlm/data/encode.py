@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from scratchlm.atomic import atomic_open, atomic_write_text, check_writable
 from scratchlm.errors import ScratchLMError
-from scratchlm.parallel import map_bounded
+from scratchlm.executor import map_bounded
 from scratchlm.tokenizer.bpe import Tokenizer
 from scratchlm.tokenizer.pretokenize import decode_utf8, read_chunks
 

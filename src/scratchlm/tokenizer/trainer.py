@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.parallel import map_bounded
+from scratchlm.executor import map_bounded
 from scratchlm.tokenizer import fast
 from scratchlm.tokenizer.bpe import check_special_tokens
 from scratchlm.tokenizer.pretokenize import SpecialTokenSplitter, decode_utf8, read_chunks

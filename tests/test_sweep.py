@@ -1,0 +1,152 @@
+"""Sweeps end to end at a tiny scale: runs defined by FLOPs (exact step counts, schedules that end at
+them), cached by their resolved config, skipped when done, extended, resumed after an interruption,
+and run through the local and the Ray executor; their results feed `scratchlm fit`."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from scratchlm.accounting import training_flops_per_token
+from scratchlm.errors import ScratchLMError
+from scratchlm.executor import Job, LocalExecutor, python_command
+from scratchlm.scaling.sweep import load_sweep, plan, write_plan
+from scratchlm.train.metrics import read_metrics
+
+
+def spec_text(data_dir: Path, out: Path, budgets: str = "[3e8, 9e8]") -> str:
+    return f"""
+name = "tiny"
+out_dir = {json.dumps(str(out))}
+budgets = {budgets}
+seeds = [0]
+[set]
+"data.train_tokens" = {json.dumps(str(data_dir / "train.bin"))}
+"data.val_tokens" = {json.dumps(str(data_dir / "val.bin"))}
+"data.tokenizer" = {json.dumps(str(data_dir / "tokenizer"))}
+"model.vocab_size" = 300
+"model.context_length" = 32
+"batch_size" = 4
+"eval_tokens" = 512
+"optim.warmup_steps" = 3
+[[shapes]]
+"model.d_model" = 16
+"model.n_layers" = 1
+"model.n_heads" = 2
+[[shapes]]
+"model.d_model" = 32
+"model.n_layers" = 2
+"model.n_heads" = 4
+"""
+
+
+def sweep(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scratchlm.cli", "sweep", *args], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+def test_runs_are_defined_by_their_budget_and_keyed_by_their_config(data_dir, tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_text(spec_text(data_dir, tmp_path / "out"))
+    runs = plan(load_sweep(path))
+    assert len(runs) == 4 and len({r.key for r in runs}) == 4
+    for run in runs:
+        per_step = run.config.tokens_per_step * training_flops_per_token(run.config.model)
+        assert run.steps == round(run.budget / per_step) and abs(run.flops - run.budget) <= per_step / 2
+        assert run.config.max_steps == run.steps and run.config.eval_every == run.steps
+        assert run.config.max_minutes == 0 and run.run_dir == tmp_path / "out" / "runs" / run.key
+    assert [r.key for r in plan(load_sweep(path))] == [r.key for r in runs]  # the same config, the same key
+
+
+def test_a_sweep_runs_skips_what_is_done_and_extends(data_dir, tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_text(spec_text(data_dir, tmp_path / "out"))
+    done = sweep("run", str(path), "--workers", "2")
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "4 runs, 0 done, 4 to run" in done.stdout
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(results) == 4
+    for result, run in zip(sorted(results, key=lambda r: r["key"]), sorted(plan(load_sweep(path)), key=lambda r: r.key),
+                           strict=True):  # fmt: skip
+        assert result["steps"] == run.steps and result["flops"] == pytest.approx(run.flops)
+        assert result["loss"] == result["val_loss"] > 0 and result["val_bpb"] > 0
+        records = read_metrics(run.run_dir / "metrics.jsonl")
+        last_lr = [r["lr"] for r in records if "lr" in r][-1]
+        assert last_lr == pytest.approx(run.config.optim.min_lr)  # the schedule ends with the run
+    assert "parameters,parameters_with_embeddings" in (tmp_path / "out" / "results.csv").read_text()
+    again = sweep("run", str(path))
+    assert again.returncode == 0 and "4 runs, 4 done, 0 to run" in again.stdout
+    path.write_text(spec_text(data_dir, tmp_path / "out", "[3e8, 9e8, 2e9]"))
+    status = sweep("status", str(path))
+    assert "6 runs: 4 done, 0 running, 0 started (resumable), 2 left" in status.stdout
+    extended = sweep("run", str(path))
+    assert extended.returncode == 0 and "6 runs, 4 done, 2 to run" in extended.stdout
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())) == 6
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(data_dir, tmp_path):
+    path = tmp_path / "sweep.toml"
+    one_shape = "[[shapes]]".join(spec_text(data_dir, tmp_path / "out", "[4e9]").split("[[shapes]]")[:2])
+    path.write_text(one_shape.replace("seeds = [0]", "seeds = [0]\ncheckpoints = 1000"))  # one every few steps
+    [run] = plan(load_sweep(path))
+    write_plan(run)
+    job = subprocess.Popen(python_command("-m", "scratchlm.scaling.job", str(run.run_dir), "--threads", "1"),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.time() + 120
+    while not list((run.run_dir / "checkpoints").glob("step_*.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    job.send_signal(signal.SIGINT)
+    assert job.wait(60) == 130
+    assert not (run.run_dir / "result.json").exists()
+    status = sweep("status", str(path))
+    finished = sweep("run", str(path))
+    assert finished.returncode == 0, finished.stderr
+    assert "1 started (resumable)" in status.stdout and "1 runs, 0 done, 1 to run" in finished.stdout
+    log = (run.run_dir / "job.log").read_text()
+    assert "resuming" in log
+    assert json.loads((run.run_dir / "result.json").read_text())["steps"] == run.steps
+
+
+def test_the_ray_executor_runs_jobs_on_a_local_instance(tmp_path):
+    pytest.importorskip("ray")
+    from scratchlm.executor import RayExecutor
+
+    jobs = [Job(f"j{i}", python_command("-c", f"print({i} * {i})"), tmp_path / f"j{i}.log") for i in range(3)]
+    jobs.append(Job("bad", python_command("-c", "raise SystemExit(3)"), tmp_path / "bad.log"))
+    ended: dict[str, int] = {}
+    executor = RayExecutor(num_cpus=1, local_cpus=2)
+    try:
+        executor.run(jobs, lambda job, status: ended.__setitem__(job.name, status))
+    finally:
+        executor.shutdown()
+    assert ended == {"j0": 0, "j1": 0, "j2": 0, "bad": 3}
+    assert [(tmp_path / f"j{i}.log").read_text().strip() for i in range(3)] == ["0", "1", "4"]
+
+
+def test_the_local_executor_reports_each_job_as_it_ends(tmp_path):
+    jobs = [Job("slow", python_command("-c", "import time; time.sleep(1.5)"), tmp_path / "slow.log"),
+            Job("fast", python_command("-c", "pass"), tmp_path / "fast.log")]  # fmt: skip
+    order = []
+    LocalExecutor(2).run(jobs, lambda job, status: order.append((job.name, status)))
+    assert order == [("fast", 0), ("slow", 0)]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace("budgets = [3e8, 9e8]", "budgets = []"), "budgets is []; expected a non-empty list"),
+        (lambda t: t.replace("budgets = [3e8, 9e8]", 'budgets = ["big"]'), "budgets is ['big']"),
+        (lambda t: t.replace("seeds = [0]", "seeds = [-1]"), "seeds is [-1]; expected a non-empty list of integers"),
+        (lambda t: t.replace('name = "tiny"', 'name = "tiny"\nbudget = 3'), "unknown field 'budget'"),
+        (lambda t: t.replace('"model.n_layers" = 1', '"model.n_layers" = "one"'), "model.n_layers"),
+    ],
+)
+def test_bad_sweep_files_are_named(data_dir, tmp_path, edit, message):
+    path = tmp_path / "sweep.toml"
+    path.write_text(edit(spec_text(data_dir, tmp_path / "out")))
+    with pytest.raises(ScratchLMError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        plan(load_sweep(path))
