@@ -32,6 +32,21 @@ def _scores(q, k_ptrs, offs_k, n_k, scale, offs_q, offset, MASK: tl.constexpr, D
 
 
 @triton.jit
+def _probabilities_and_grad_scores(
+    q, k, v, do, lse, delta, offs_q, offs_k, n_q, n_k, offset, scale, CAUSAL: tl.constexpr, IEEE: tl.constexpr
+):
+    """Backward's recomputation for a (query tile, key tile) pair: P = exp(S - L), zero where masked,
+    and dS = P * (dO V^T - D)."""
+    s = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else "tf32") * scale  # (BQ, BK)
+    keep = (offs_q[:, None] < n_q) & (offs_k[None, :] < n_k)
+    if CAUSAL:
+        keep = keep & (offs_k[None, :] <= offs_q[:, None] + offset)
+    p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+    grad_p = tl.dot(do, tl.trans(v), input_precision="ieee" if IEEE else "tf32")
+    return p, p * (grad_p - delta[:, None])
+
+
+@triton.jit
 def _forward(
     Q, K, V, OUT, LSE, stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
     n_q, n_k, scale,
@@ -107,14 +122,10 @@ def _backward_kv(
         do = tl.load(DO + q_offsets, mask=row_ok[:, None] & d_mask, other=0.0)
         lse = tl.load(L + b * n_q + offs_q, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + b * n_q + offs_q, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else "tf32") * scale  # (BQ, BK)
-        keep = row_ok[:, None] & (offs_k[None, :] < n_k)
-        if CAUSAL:
-            keep = keep & (offs_k[None, :] <= offs_q[:, None] + offset)
-        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+        p, grad_s = _probabilities_and_grad_scores(
+            q, k, v, do, lse, delta, offs_q, offs_k, n_q, n_k, offset, scale, CAUSAL, IEEE
+        )
         grad_v += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee" if IEEE else "tf32")
-        grad_p = tl.dot(do, tl.trans(v), input_precision="ieee" if IEEE else "tf32")
-        grad_s = p * (grad_p - delta[:, None])
         grad_k += tl.dot(tl.trans(grad_s).to(q.dtype), q, input_precision="ieee" if IEEE else "tf32")
     tl.store(DK + kv_offsets, (grad_k * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_offsets, grad_v.to(DV.dtype.element_ty), mask=kv_mask)
@@ -149,13 +160,9 @@ def _backward_q(
         kv_mask = (offs_k[:, None] < n_k) & d_mask
         k = tl.load(K + kv_offsets, mask=kv_mask, other=0.0)
         v = tl.load(V + kv_offsets, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else "tf32") * scale
-        keep = row_ok[:, None] & (offs_k[None, :] < n_k)
-        if CAUSAL:
-            keep = keep & (offs_k[None, :] <= offs_q[:, None] + offset)
-        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
-        grad_p = tl.dot(do, tl.trans(v), input_precision="ieee" if IEEE else "tf32")
-        grad_s = p * (grad_p - delta[:, None])
+        _, grad_s = _probabilities_and_grad_scores(
+            q, k, v, do, lse, delta, offs_q, offs_k, n_q, n_k, offset, scale, CAUSAL, IEEE
+        )
         grad_q += tl.dot(grad_s.to(k.dtype), k, input_precision="ieee" if IEEE else "tf32")
     tl.store(DQ + q_offsets, (grad_q * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_mask)
 
