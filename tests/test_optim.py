@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from scratchlm.optim import SGD, AdaGrad, AdamW, clip_grad_norm, cosine_lr
+from scratchlm.optim import SGD, AdaGrad, AdamW, Muon, RMSProp, clip_grad_norm, cosine_lr
+from scratchlm.optim.adamw import newton_schulz
 
 
 def _twin_models(seed=0):
@@ -69,9 +70,14 @@ def test_adamw_with_param_groups_and_state_dict_roundtrip(fused):
         (lambda p: SGD(p, lr=0.05), lambda p: torch.optim.SGD(p, lr=0.05)),
         (lambda p: SGD(p, lr=0.05, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
         (lambda p: AdaGrad(p, lr=0.05), lambda p: torch.optim.Adagrad(p, lr=0.05)),
+        (lambda p: RMSProp(p, lr=1e-3), lambda p: torch.optim.RMSprop(p, lr=1e-3)),
+        (
+            lambda p: RMSProp(p, lr=1e-3, alpha=0.9, weight_decay=0.01),
+            lambda p: torch.optim.RMSprop(p, lr=1e-3, alpha=0.9, weight_decay=0.01),
+        ),
     ],
 )
-def test_sgd_and_adagrad_match_torch(ours, ref):
+def test_sgd_adagrad_and_rmsprop_match_torch(ours, ref):
     a, b = _twin_models()
     assert _run(a, ours(a.parameters()), 200) == pytest.approx(_run(b, ref(b.parameters()), 200), rel=1e-5, abs=1e-7)
 
@@ -156,3 +162,51 @@ def test_cosine_schedule_stays_monotone_when_the_length_is_refitted():
         lrs.append(schedule(step, total))
     assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))  # never rises after warm-up
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def written_out_newton_schulz(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """X_0 = G / ||G||_F (transposed if tall); X_{k+1} = a X + b (X X^T) X + c (X X^T)^2 X."""
+    x = (g / (g.norm() + 1e-7)).double()
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    for _ in range(steps):
+        x = 3.4445 * x - 4.7750 * (x @ x.T) @ x + 2.0315 * (x @ x.T) @ (x @ x.T) @ x
+    return (x.T if tall else x).float()
+
+
+@pytest.mark.parametrize("shape", [(20, 10), (3, 20), (16, 16)])
+def test_newton_schulz_pushes_singular_values_towards_one(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    out = newton_schulz(g)
+    torch.testing.assert_close(out, written_out_newton_schulz(g, 5), rtol=1e-4, atol=1e-5)
+    singular = torch.linalg.svdvals(out)
+    assert singular.min() > 0.6 and singular.max() < 1.25, singular
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), (u @ vh).flatten(), dim=0) > 0.95
+
+
+def test_muon_is_its_written_out_definition_and_adamw_elsewhere():
+    a, b = _twin_models()
+    matrices = lambda m: [m[0].weight, m[2].weight]  # noqa: E731
+    rest = lambda m: [m[0].bias, m[2].bias]  # noqa: E731
+    opt = Muon([{"params": matrices(a), "muon": True, "lr": 0.02, "weight_decay": 0.01},
+                {"params": rest(a), "lr": 3e-3, "weight_decay": 0.0}], momentum=0.9)  # fmt: skip
+    adamw = torch.optim.AdamW(rest(b), lr=3e-3, weight_decay=0.0, foreach=False)
+    buffers = [torch.zeros_like(w) for w in matrices(b)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        x, y = torch.randn(16, 10, generator=g), torch.randn(16, 3, generator=g)
+        for model in (a, b):
+            model.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        adamw.step()
+        with torch.no_grad():
+            for w, buffer in zip(matrices(b), buffers, strict=True):
+                buffer.mul_(0.9).add_(w.grad)
+                update = written_out_newton_schulz(w.grad + 0.9 * buffer, 5)
+                w.mul_(1 - 0.02 * 0.01).sub_(0.02 * max(1, w.shape[0] / w.shape[1]) ** 0.5 * update)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="matrices"):
+        Muon([{"params": rest(a), "muon": True}])

@@ -40,12 +40,22 @@ def test_shakespeare_split_holds_out_about_five_percent():
     assert split_documents(list(reversed(works)), 0.05) == (train_works, val_works)  # deterministic
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])  # with dropout, torch's RNG state must come back too
-def test_resume_continues_the_exact_trajectory(data_dir, tmp_path, dropout):
-    full = train(tiny_config(data_dir, tmp_path / "full", **{"model.dropout": dropout}), quiet=True)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"model.dropout": 0.0},
+        {"model.dropout": 0.1},  # with dropout, torch's RNG state must come back too
+        {"optim.name": '"muon"'},
+        {"optim.name": '"rmsprop"', "optim.lr": 1e-3},
+    ],
+    ids=["plain", "dropout", "muon", "rmsprop"],
+)
+def test_resume_continues_the_exact_trajectory(data_dir, tmp_path, options):
+    full = train(tiny_config(data_dir, tmp_path / "full", **options), quiet=True)
     straight = [r["train/loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "train/loss" in r]
+    assert straight[-1] < straight[0]  # it trains
 
-    half = tiny_config(data_dir, tmp_path / "resumed", max_steps=20, **{"model.dropout": dropout})
+    half = tiny_config(data_dir, tmp_path / "resumed", max_steps=20, **options)
     train(half, quiet=True)  # the whole run, then rewind it to its step-10 checkpoint
     ckpts = sorted((tmp_path / "resumed" / "checkpoints").glob("step_*.pt"))
     (tmp_path / "resumed" / "checkpoints" / "latest").write_text(ckpts[0].name)
@@ -95,6 +105,8 @@ def test_config_errors_name_the_field(tmp_path):
         load_config(path)
     with pytest.raises(ScratchLMError, match="expected one of"):
         load_config(None, ["optim.name=lion"])
+    with pytest.raises(ScratchLMError, match="Muon orthogonalises whole matrices"):
+        load_config(None, ["optim.name=muon", "parallel.strategy=fsdp"])
     with pytest.raises(
         ScratchLMError, match=r"--set model.dropout=1.5: model.dropout: expected a finite number in \[0, 1\), got 1.5"
     ):

@@ -141,3 +141,86 @@ class AdaGrad(_ForeachOptimizer):
         denom = torch._foreach_sqrt(sums)
         torch._foreach_add_(denom, group["eps"])
         torch._foreach_addcdiv_(params, grads, denom, -group["lr"])
+
+
+class RMSProp(_ForeachOptimizer):
+    """v <- alpha v + (1 - alpha) g^2; theta <- theta - lr * g / (sqrt(v) + eps), as `torch.optim.RMSprop`
+    computes it (weight decay, if any, added to the gradient: g <- g + weight_decay theta)."""
+
+    def __init__(
+        self, params: Iterable, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0
+    ) -> None:
+        if lr < 0 or eps < 0 or not 0 <= alpha < 1 or weight_decay < 0:
+            raise ValueError(
+                f"invalid RMSProp settings: lr={lr}, alpha={alpha}, eps={eps}, weight_decay={weight_decay}"
+            )
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay))
+
+    def update(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        if group["weight_decay"]:
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        squares = [self.state_tensor(p, "square_avg") for p in params]
+        torch._foreach_mul_(squares, group["alpha"])
+        torch._foreach_addcmul_(squares, grads, grads, 1 - group["alpha"])
+        denom = torch._foreach_sqrt(squares)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(params, grads, denom, -group["lr"])
+
+
+# Newton-Schulz coefficients of Muon (Keller Jordan, 2024): a quintic that pushes every singular value of
+# a matrix scaled to norm <= 1 towards 1 within 5 steps (to about 0.7-1.2, which trains as well as exactly 1).
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """An approximation of U V^T for g = U S V^T (the nearest semi-orthogonal matrix). g: (rows, cols).
+    Works on the wide orientation (rows <= cols), where X X^T is the smaller product."""
+    a, b, c = NS_COEFFICIENTS
+    x = g / (g.norm() + eps)
+    wide = x.shape[0] <= x.shape[1]
+    if not wide:
+        x = x.mT
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.mT
+
+
+class Muon(AdamW):
+    """Muon ("MomentUm Orthogonalized by Newton-Schulz") for the hidden layers' matrices, AdamW for the
+    rest: groups with "muon": True take, for each matrix W with gradient G,
+
+        B <- mu B + G;   U = G + mu B (Nesterov) or B;   O = newton_schulz(U)
+        W <- W (1 - lr * weight_decay) - lr * sqrt(max(1, rows / cols)) * O
+
+    and every other group is AdamW's (lr, betas, eps, weight_decay). Embeddings, the LM head and
+    gains belong in the AdamW groups (Muon is for the matrices that map hidden states to hidden states)."""
+
+    def __init__(
+        self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+        weight_decay: float = 0.0, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+    ) -> None:  # fmt: skip
+        if not 0 <= momentum < 1 or ns_steps < 1:
+            raise ValueError(f"invalid Muon settings: momentum={momentum}, ns_steps={ns_steps}")
+        super().__init__(params, lr, betas, eps, weight_decay, fused=False)
+        for group in self.param_groups:
+            group.setdefault("muon", False)
+            group.setdefault("momentum", momentum)
+            group.setdefault("nesterov", nesterov)
+            group.setdefault("ns_steps", ns_steps)
+            if group["muon"] and any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("Muon's groups take matrices (2-D parameters) only")
+
+    def update(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        if not group["muon"]:
+            super().update(group, params, grads)
+            return
+        mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+        for p, g in zip(params, grads, strict=True):
+            buffer = self.state_tensor(p, "momentum_buffer")
+            buffer.mul_(mu).add_(g)
+            direction = g.add(buffer, alpha=mu) if group["nesterov"] else buffer
+            orthogonal = newton_schulz(direction.float(), group["ns_steps"]).to(p.dtype)
+            if wd:
+                p.mul_(1 - lr * wd)
+            p.add_(orthogonal, alpha=-lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)

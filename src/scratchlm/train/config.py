@@ -37,7 +37,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "sgd", "adagrad"] = "adamw"
+    name: Literal["adamw", "sgd", "adagrad", "rmsprop", "muon"] = "adamw"
     lr: float = field(default=3e-3, metadata=above(0))
     min_lr: float = field(default=3e-4, metadata=at_least(0))
     warmup_steps: int = field(default=100, metadata=at_least(0))
@@ -45,6 +45,10 @@ class OptimConfig:
     eps: float = field(default=1e-8, metadata=above(0))
     weight_decay: float = field(default=0.1, metadata=at_least(0))
     grad_clip: float = field(default=1.0, metadata=at_least(0))  # 0 disables clipping
+    alpha: float = field(default=0.99, metadata=between(0, 1, high_open=True))  # rmsprop: the squares' decay
+    # muon: the blocks' matrices take Muon at lr x muon_lr / lr (following the schedule), the rest AdamW at lr
+    momentum: float = field(default=0.95, metadata=between(0, 1, high_open=True))
+    muon_lr: float = field(default=0.02, metadata=above(0))
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -92,6 +96,12 @@ class TrainConfig:
         check_fields(self)
         if not self.out_dir.strip():
             raise ConfigError("out_dir", "expected a directory, got an empty string")
+        if self.optim.name == "muon" and self.parallel.strategy in ("fsdp", "fsdp2"):
+            raise ConfigError(
+                ("optim.name", "parallel.strategy"),
+                f'Muon orthogonalises whole matrices; parallel.strategy "{self.parallel.strategy}" gives each rank '
+                'rows of them: use another strategy (e.g. "ddp" or "zero1") or optimizer',
+            )
 
     @property
     def tokens_per_step(self) -> int:

@@ -14,7 +14,7 @@ import torch
 from scratchlm.data.encode import load_tokens
 from scratchlm.errors import ScratchLMError
 from scratchlm.model.transformer import TransformerLM
-from scratchlm.optim import SGD, AdaGrad, AdamW
+from scratchlm.optim import SGD, AdaGrad, AdamW, Muon, RMSProp
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.checkpoint import check_compatible, load_state
 from scratchlm.train.config import TrainConfig
@@ -59,6 +59,16 @@ def build_optimizer(config: TrainConfig, model: TransformerLM, spec: bool = Fals
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
         cls, kwargs = AdamW, {"lr": o.lr, "betas": o.betas, "eps": o.eps}
+    elif o.name == "muon":  # Muon for the blocks' matrices; AdamW for embeddings, the LM head and gains
+        outside = {id(p) for p in (model.token_embeddings.weight, model.lm_head.weight)}
+        matrices = [p for p in params if p.dim() == 2 and id(p) not in outside]
+        groups = [{"params": matrices, "muon": True, "lr": o.muon_lr, "lr_scale": o.muon_lr / o.lr,
+                   "weight_decay": o.weight_decay},
+                  {"params": [p for p in params if p.dim() >= 2 and id(p) in outside], "weight_decay": o.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+        cls, kwargs = Muon, {"lr": o.lr, "betas": o.betas, "eps": o.eps, "momentum": o.momentum}
+    elif o.name == "rmsprop":
+        groups, cls, kwargs = params, RMSProp, {"lr": o.lr, "alpha": o.alpha, "eps": o.eps}
     elif o.name == "sgd":
         groups, cls, kwargs = params, SGD, {"lr": o.lr}
     else:

@@ -37,7 +37,7 @@ class TrainStep:
 
     def __call__(self, sampler: BatchSampler, lr: float) -> tuple[Tensor, Tensor | None]:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices run at their own multiple
         accum = self.config.grad_accum_steps
         loss_sum = torch.zeros((), device=self.device)
         for i in range(accum):
