@@ -165,3 +165,40 @@ def test_the_faster_attention_is_chosen_once_per_shape_and_can_be_forced():
             q, q, q, is_causal=True))  # fmt: skip
     with pytest.raises(ValueError, match="one of"), attention_choice.forced("naive"):
         pass
+
+
+@needs_triton
+@pytest.mark.parametrize(("dtype", "tol"), TRITON_DTYPES)
+@pytest.mark.parametrize("shape", [(3, 7, 64), (5, 100), (2, 48)], ids=str)  # d a power of two, or not
+def test_triton_rms_norm_matches_pytorch(shape, dtype, tol):
+    from scratchlm.kernels.fused_triton import TritonRMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen).to(DEVICE, dtype).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(DEVICE, dtype).requires_grad_()
+    grad = torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+    out = TritonRMSNorm.apply(x, weight, 1e-5)
+    want = F.rms_norm(x.double(), shape[-1:], weight.double(), 1e-5)
+    assert out.dtype == dtype
+    assert_close(out, want.detach(), tol, "out")
+    grads = torch.autograd.grad(out, (x, weight), grad)
+    want_grads = torch.autograd.grad(want, (x, weight), grad.double())
+    for name, g, w in zip(("dx", "dweight"), grads, want_grads, strict=True):
+        assert_close(g, w, 4 * tol, name)
+
+
+@needs_triton
+@pytest.mark.parametrize(("dtype", "tol"), TRITON_DTYPES)
+def test_triton_swiglu_matches_pytorch(dtype, tol):
+    from scratchlm.kernels.fused_triton import TritonSwiGLU
+
+    gen = torch.Generator().manual_seed(0)
+    gate, up, grad = (torch.randn(3, 1500, generator=gen).to(DEVICE, dtype) for _ in range(3))  # two blocks and a part
+    gate, up = gate.requires_grad_(), up.requires_grad_()
+    out = TritonSwiGLU.apply(gate, up)
+    want = F.silu(gate.double()) * up.double()
+    assert_close(out, want.detach(), tol, "out")
+    grads = torch.autograd.grad(out, (gate, up), grad)
+    want_grads = torch.autograd.grad(want, (gate, up), grad.double())
+    for name, g, w in zip(("dgate", "dup"), grads, want_grads, strict=True):
+        assert_close(g, w, 2 * tol, name)

@@ -2,9 +2,10 @@
 cross-entropy (`_kernels.c`), each in one pass over memory instead of PyTorch's several; and causal
 attention for short sequences (`_attention.c`).
 
-They apply to float32 CPU tensors laid out contiguously (attention: each row contiguous); everything
-else (CUDA, bf16, strided views),
-and an install without a C compiler, takes the PyTorch expression, which the tests check them against.
+They apply to float32 CPU tensors laid out contiguously (attention: each row contiguous); on CUDA,
+eager, RMSNorm and SwiGLU's activation take the Triton kernels of `scratchlm.kernels.fused_triton`
+where Triton is installed; everything else (bf16 on CPU, strided views, an install without a C
+compiler) takes the PyTorch expression, which the tests check them against.
 Measured on the small benchmark shape (2048 rows, 2-core EPYC), forward + backward: SwiGLU's activation
 (d_ff 1344) 7.1 -> 5.3 ms, RMSNorm (d 512) 3.4 -> 0.3 ms; the cross-entropy of a 419 x 10k block of
 logits with its gradient 3.4 -> 1.9 ms. Causal self-attention with RoPE, forward + backward, against
@@ -71,10 +72,24 @@ class _SwiGLUActivation(torch.autograd.Function):
         return grad_gate, grad_up
 
 
+def triton_kernels_apply(*tensors: Tensor) -> bool:
+    """Whether `scratchlm.kernels.fused_triton` takes these: CUDA tensors, Triton installed, and not while
+    torch.compile traces (it fuses these operations itself)."""
+    if not all(t.is_cuda for t in tensors) or torch.compiler.is_compiling():
+        return False
+    from scratchlm.kernels.attention_choice import triton_available
+
+    return triton_available()
+
+
 def swiglu_activation(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up, elementwise. gate, up: (..., d_ff), the same shape."""
     if gate.shape != up.shape:
         raise ValueError(f"gate and up differ in shape: {tuple(gate.shape)} vs {tuple(up.shape)}")
+    if triton_kernels_apply(gate, up):
+        from scratchlm.kernels.fused_triton import TritonSwiGLU
+
+        return TritonSwiGLU.apply(gate, up)
     return _SwiGLUActivation.apply(gate, up)
 
 
@@ -108,6 +123,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x / sqrt(mean(x^2, last dim) + eps) * weight. x: (..., d), weight: (d,)."""
     if available(x, weight) and weight.shape == x.shape[-1:] and x.numel():
         return _RMSNorm.apply(x, weight, eps)
+    if triton_kernels_apply(x, weight) and x.numel():
+        from scratchlm.kernels.fused_triton import TritonRMSNorm
+
+        return TritonRMSNorm.apply(x, weight, eps)
     return F.rms_norm(x, x.shape[-1:], weight, eps)
 
 
