@@ -183,6 +183,8 @@ def test_newton_schulz_pushes_singular_values_towards_one(shape):
     assert singular.min() > 0.6 and singular.max() < 1.25, singular
     u, _, vh = torch.linalg.svd(g, full_matrices=False)
     assert torch.nn.functional.cosine_similarity(out.flatten(), (u @ vh).flatten(), dim=0) > 0.95
+    batch = torch.stack([g, 3 * g.flip(0)])  # a batch of matrices: each as if alone
+    torch.testing.assert_close(newton_schulz(batch), torch.stack([out, newton_schulz(3 * g.flip(0))]))
 
 
 def test_muon_is_its_written_out_definition_and_adamw_elsewhere():
