@@ -1,4 +1,4 @@
-"""Builds the optional C extensions (the pre-tokenizer, the merge loop, the fused CPU kernels); scratchlm
+"""Builds the optional C extensions (the pre-tokenizer, the merge loop, the fused CPU kernels, MinHash); scratchlm
 works without them (pure Python / PyTorch, slower)."""
 
 from setuptools import Extension, setup
@@ -25,6 +25,7 @@ setup(
     ext_modules=[
         Extension("scratchlm.tokenizer._pretok", ["src/scratchlm/tokenizer/_pretok.c"], extra_compile_args=["-O3"]),
         Extension("scratchlm.tokenizer._merge", ["src/scratchlm/tokenizer/_merge.c"], extra_compile_args=["-O3"]),
+        Extension("scratchlm.curate._minhash", ["src/scratchlm/curate/_minhash.c"], extra_compile_args=["-O3"]),
         *(
             Extension(  # flags: see the head of _cpu.h
                 f"scratchlm.model.{name}",

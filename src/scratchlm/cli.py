@@ -383,6 +383,37 @@ def cmd_sweep_status(args: argparse.Namespace) -> None:
           f"{spent:.3g} of {planned:.3g} FLOPs spent in finished runs")  # fmt: skip
 
 
+def cmd_curate(args: argparse.Namespace) -> None:
+    from scratchlm.curate.config import CurateConfig
+    from scratchlm.curate.run import curate
+    from scratchlm.train.config import load_dataclass, to_toml
+
+    config = load_dataclass(CurateConfig, args.config, args.set)
+    curate([Path(p) for p in args.inputs], config, to_toml(config), Path(args.out), args.executor, args.workers,
+           args.ray_address)  # fmt: skip
+
+
+def cmd_curate_quality(args: argparse.Namespace) -> None:
+    from scratchlm.curate.quality import QualityClassifier, chunks
+    from scratchlm.curate.readers import read_input
+
+    errors: list[str] = []
+
+    def texts(paths: list[str]) -> list[str]:
+        out = []
+        for p in paths:
+            for doc in read_input(Path(p), lambda source, reason: errors.append(f"{source}: {reason}")):
+                out += chunks(doc.text)
+        return out
+
+    positives, negatives = texts(args.positive), texts(args.negative)
+    model = QualityClassifier.train(positives, negatives)
+    model.save(args.out)
+    print(f"quality classifier: {len(positives)} positive and {len(negatives)} negative pieces -> {args.out}/")
+    for e in errors[:5]:
+        print(f"  skipped {e}")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     import_torch()
     from scratchlm.infer import load_run
@@ -538,6 +569,24 @@ def build_parser() -> argparse.ArgumentParser:
     fit.set_defaults(func=cmd_fit)
 
     from scratchlm.model.config import MODEL_PRESETS
+
+    cur = stages.add_parser(
+        "curate", help="crawl (WARC/WET/HTML/JSONL/text) -> filtered, deduplicated text and a report"
+    )
+    cur.add_argument("inputs", nargs="+", help="WARC / WET files (.gz or not), folders of HTML, JSONL, text files")
+    cur.add_argument("--out", required=True, help="output directory (resumes the run it holds)")
+    cur.add_argument("--config", default=None, help="pipeline TOML (stages and thresholds); defaults otherwise")
+    cur.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a field")
+    cur.add_argument("--executor", choices=["local", "ray"], default="local")
+    cur.add_argument("--workers", type=number(int, 0), default=0, help="shards at once (default: every core)")
+    cur.add_argument("--ray-address", default=None, help="a Ray cluster (default: a local instance)")
+    cur.set_defaults(func=cmd_curate)
+
+    cq = stages.add_parser("curate-quality", help="train the quality classifier: reference text vs raw crawl text")
+    cq.add_argument("--positive", nargs="+", required=True, help="reference-quality inputs (text, JSONL, ...)")
+    cq.add_argument("--negative", nargs="+", required=True, help="low-quality inputs (e.g. a raw curate's text)")
+    cq.add_argument("--out", required=True, help="directory for the classifier")
+    cq.set_defaults(func=cmd_curate_quality)
 
     acc = stages.add_parser("account", help="parameters, FLOPs, memory and time of a configuration")
     source = acc.add_mutually_exclusive_group()

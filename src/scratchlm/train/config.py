@@ -115,6 +115,11 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
     Every key, type and range is checked; an error names where the bad value came from: the file, or
     the `--set` override.
     """
+    return load_dataclass(TrainConfig, path, overrides)
+
+
+def load_dataclass(cls: type, path: str | Path | None, overrides: Sequence[str] = ()):
+    """Config dataclass `cls` from a TOML file (or its defaults) with `section.key=value` overrides."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -147,7 +152,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
                 raise ScratchLMError(f"--set {override}: {'.'.join(parents[: i + 1])} is not a section")
         target[leaf] = value
         origins[key] = f"--set {override}"
-    return from_dict(TrainConfig, data, lambda where: origins.get(where, source))
+    return from_dict(cls, data, lambda where: origins.get(where, source))
 
 
 def load_config_text(text: str, source: str) -> TrainConfig:
@@ -200,6 +205,10 @@ def _convert(value: Any, hint: Any, source_of: Callable[[str], str], where: str)
                 f"{source_of(where)}: {where}: expected one of {', '.join(map(repr, args))}, got {value!r}"
             )
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ScratchLMError(f"{source_of(where)}: {where}: expected a list, got {value!r}")
+        return [_convert(v, args[0], source_of, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ScratchLMError(f"{source_of(where)}: {where}: expected a list of {len(args)} values, got {value!r}")
