@@ -545,6 +545,17 @@ def small_inputs(tmp_path: Path) -> list[str]:
     return [str(site), str(jsonl)]
 
 
+def test_job_groups_cover_the_shards_left_once_in_order_with_a_job_per_worker():
+    from scratchlm.curate.run import MAX_SHARDS_PER_JOB, job_groups
+
+    assert job_groups([0, 1, 2, 3, 4], 2) == [[0, 1, 2], [3, 4]]
+    assert job_groups([1, 4], 4) == [[1], [4]]
+    many = list(range(3, 3 + 5 * MAX_SHARDS_PER_JOB + 1))
+    groups = job_groups(many, 2)
+    assert [s for group in groups for s in group] == many
+    assert max(map(len, groups)) == MAX_SHARDS_PER_JOB and len(groups) == 6
+
+
 def test_pipeline_resumes_shard_by_shard_and_refuses_a_changed_config(tmp_path):
     from scratchlm.cli import main
 

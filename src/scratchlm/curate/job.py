@@ -1,6 +1,7 @@
-"""One shard of one phase of a curation run, as a job for the executor:
+"""Shards of one phase of a curation run, as a job for the executor (one process for several shards, so
+the classifiers load once; each shard is marked finished on its own):
 
-python -m scratchlm.curate.job OUT PHASE SHARD
+python -m scratchlm.curate.job OUT PHASE SHARD[,SHARD...]
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from scratchlm.errors import ScratchLMError
 
 
 def main(argv: list[str] | None = None) -> int:
-    out, phase, shard = argv if argv is not None else sys.argv[1:]
+    out, phase, shards = argv if argv is not None else sys.argv[1:]
     try:
-        Pipeline.open(Path(out)).run_shard(phase, int(shard))
+        pipeline = Pipeline.open(Path(out))
+        for shard in shards.split(","):
+            pipeline.run_shard(phase, int(shard))
     except ScratchLMError as exc:
         print(f"scratchlm curate: error: {exc}", file=sys.stderr)
         return 1

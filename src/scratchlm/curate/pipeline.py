@@ -76,9 +76,8 @@ def read_shard(shard: dict, on_error: Callable[[str, str], None]) -> Iterator[Do
 
 
 def write_jsonl_gz(path: Path, records: list[dict]) -> None:
-    with atomic_open(path) as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
-        for record in records:
-            gz.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+    with atomic_open(path) as f, gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0) as gz:
+        gz.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8"))
 
 
 def read_jsonl_gz(path: Path) -> list[dict]:
@@ -92,6 +91,7 @@ class Pipeline:
     def __init__(self, out: Path, config: CurateConfig, shards: list[dict]) -> None:
         self.out, self.config, self.shards = out, config, shards
         self.work = out / "work"
+        self._filters = None  # built once per process: loading the classifiers costs seconds
 
     # --- the run's identity: a different config or input set is refused, not mixed in
     @staticmethod
@@ -136,9 +136,11 @@ class Pipeline:
         from scratchlm.curate.minhash import MinHasher
         from scratchlm.curate.stages import Filters, ShardStats
 
-        filters, stats = Filters(self.config), ShardStats(examples=self.config.examples)
+        if self._filters is None:
+            self._filters = Filters(self.config)
+        stats = ShardStats(examples=self.config.examples)
         docs = list(read_shard(self.shards[i], stats.error))
-        kept = [doc.to_json() for doc in filters.apply(docs, stats)]
+        kept = [doc.to_json() for doc in self._filters.apply(docs, stats)]
         m = self.config.minhash
         hasher = MinHasher(m.num_perm, m.ngram, m.seed)
         signatures = [hasher.signature(d["text"]) for d in kept] if m.enabled else []

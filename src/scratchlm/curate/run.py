@@ -12,8 +12,17 @@ from scratchlm.curate.report import write_report
 from scratchlm.errors import ScratchLMError
 from scratchlm.executor import Job, LocalExecutor, RayExecutor, python_command
 
+MAX_SHARDS_PER_JOB = 8  # a job's process loads the models once for all its shards
 
-def _run_phase(pipeline: Pipeline, phase: str, executor, print_fn) -> None:
+
+def job_groups(left: list[int], workers: int) -> list[list[int]]:
+    """The shards left, in order, cut into one job per worker or more, at most MAX_SHARDS_PER_JOB shards
+    a job (so progress and load balance stay fine-grained)."""
+    size = max(1, min(MAX_SHARDS_PER_JOB, -(-len(left) // workers)))
+    return [left[i : i + size] for i in range(0, len(left), size)]
+
+
+def _run_phase(pipeline: Pipeline, phase: str, executor, workers: int, print_fn) -> None:
     left = pipeline.left(phase)
     total, started = len(pipeline.shards), time.perf_counter()
     if not left:
@@ -22,20 +31,20 @@ def _run_phase(pipeline: Pipeline, phase: str, executor, print_fn) -> None:
     logs = pipeline.work / "logs"
     jobs = [
         Job(
-            str(i),
-            python_command("-m", "scratchlm.curate.job", str(pipeline.out), phase, str(i)),
-            logs / f"{phase}-{i:05d}.log",
+            ",".join(map(str, group)),
+            python_command("-m", "scratchlm.curate.job", str(pipeline.out), phase, ",".join(map(str, group))),
+            logs / f"{phase}-{group[0]:05d}.log",
         )
-        for i in left
+        for group in job_groups(left, workers)
     ]
     failed, finished = [], total - len(left)
 
     def done(job: Job, status: int) -> None:
         nonlocal finished
         if status:
-            failed.append(f"shard {job.name} (exit {status}; see {job.log})")
+            failed.append(f"shards {job.name} (exit {status}; see {job.log})")
             return
-        finished += 1
+        finished += job.name.count(",") + 1
         elapsed = time.perf_counter() - started
         eta = elapsed / (finished - (total - len(left))) * (total - finished)
         print_fn(f"  {phase}: {finished}/{total} shards, {elapsed:.0f} s, ETA {eta:.0f} s")
@@ -63,15 +72,15 @@ def curate(
     print_fn(f"curate: {len(inputs)} inputs in {len(shards)} shards -> {out}, {workers} workers on {executor}")
     runner = RayExecutor(ray_address, num_cpus=1, local_cpus=workers) if executor == "ray" else LocalExecutor(workers)
     try:
-        _run_phase(pipeline, "filter", runner, print_fn)
+        _run_phase(pipeline, "filter", runner, workers, print_fn)
         survivors = pipeline.survivors()
         print_fn(
             f"  clusters: {int((survivors['reason'] == 1).sum())} exact and "
             f"{int((survivors['reason'] == 2).sum())} near duplicates"
         )
-        _run_phase(pipeline, "count", runner, print_fn)
+        _run_phase(pipeline, "count", runner, workers, print_fn)
         print_fn(f"  lines: {len(pipeline.duplicated_lines())} distinct lines occur more than once")
-        _run_phase(pipeline, "write", runner, print_fn)
+        _run_phase(pipeline, "write", runner, workers, print_fn)
     finally:
         if executor == "ray":
             runner.shutdown()
