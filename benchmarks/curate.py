@@ -89,12 +89,13 @@ def main() -> None:
         print(f"\nthe whole pipeline on {warc.name} ({mb:.1f} MB, {docs_in(warc)} HTML pages) split into {args.files}"
               f" WARC files, {os.cpu_count()} workers")  # fmt: skip
         print(f"{'pipeline':<52} {'seconds':>8} {'docs/s':>8} {'kept':>6} {'vs datatrove':>13}")
-        from datatrove_peer import run_datatrove
-
-        docs = docs_in(warc)
+        docs, peer = docs_in(warc), Path(tmp) / "datatrove"
+        command = [sys.executable, str(Path(__file__).parent / "datatrove_peer.py"), str(Path(tmp) / "parts")]
         start = time.perf_counter()
-        kept_theirs = count_jsonl(run_datatrove(Path(tmp) / "parts", Path(tmp) / "datatrove", os.cpu_count() or 1))
+        with open(Path(tmp) / "datatrove.log", "w") as log:  # datatrove logs every task's stats on stderr
+            subprocess.run([*command, str(peer), str(os.cpu_count() or 1)], check=True, stdout=log, stderr=log)
         theirs = time.perf_counter() - start
+        kept_theirs = count_jsonl(peer / "curated")
         rows = [("datatrove 0.x, the same stages", theirs, kept_theirs)]
         for name, overrides, out in [
             ("scratchlm curate, the same stages", SAME_STAGES, Path(tmp) / "ours"),

@@ -9,6 +9,7 @@ whitespace is faster, which favours datatrove).
 Each step runs through datatrove's LocalPipelineExecutor with one task per WARC file.
 """
 
+import sys
 from pathlib import Path
 
 from datatrove.data import Document
@@ -157,3 +158,7 @@ def run_datatrove(warc_dir: Path, work: Path, workers: int) -> Path:
         logs = work / "logs" / name.replace(" ", "_")
         LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logs)).run()
     return work / "curated"
+
+
+if __name__ == "__main__":  # python benchmarks/datatrove_peer.py WARC_DIR WORK WORKERS (logs on stderr)
+    run_datatrove(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))

@@ -2,8 +2,8 @@
 
 Words are the text's whitespace-separated tokens; "symbol words" (no letter or digit: punctuation,
 bullets, dashes) do not count toward the word count or the mean word length, as in datatrove's
-`GopherQualityFilter`. The counts are regular-expression scans over the whole text, not a Python loop
-over its words.
+`GopherQualityFilter`. Most words start or end with a letter, which `str` methods see at C speed; only
+the rest are searched by a regular expression.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_COUNTED_WORD = re.compile(r"\S*[^\W_]\S*")  # a token with a letter or digit
-_ALPHABETIC_WORD = re.compile(r"\S*[^\W\d_]\S*")  # a token with a letter
+_LETTER_OR_DIGIT = re.compile(r"[^\W_]")
+_LETTER = re.compile(r"[^\W\d_]")
 _ELLIPSIS_LINE = re.compile(r"(?:\.\.\.|…)[^\S\n]*$", re.M)
 
 
@@ -32,21 +32,23 @@ STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])
 
 def gopher_failures(text: str, rules: GopherRules = GopherRules()) -> list[str]:
     """The names of the rules `text` fails (empty when it passes)."""
-    n_words = len(text.split())
-    counted = _COUNTED_WORD.findall(text)
+    words = text.split()
+    symbols = [w for w in words if not (w[0].isalnum() or w[-1].isalnum()) and not _LETTER_OR_DIGIT.search(w)]
+    n_counted = len(words) - len(symbols)
     failures = []
-    if len(counted) < rules.min_words:
+    if n_counted < rules.min_words:
         failures.append("gopher_too_few_words")
-    if len(counted) > rules.max_words:
+    if n_counted > rules.max_words:
         failures.append("gopher_too_many_words")
-    mean = sum(map(len, counted)) / len(counted) if counted else 0.0
+    mean = (sum(map(len, words)) - sum(map(len, symbols))) / n_counted if n_counted else 0.0
     if not rules.min_mean_word_length <= mean <= rules.max_mean_word_length:
         failures.append("gopher_mean_word_length")
     n_lines = len(text.splitlines())
     if n_lines and len(_ELLIPSIS_LINE.findall(text)) / n_lines > rules.max_ellipsis_lines:
         failures.append("gopher_ellipsis_lines")
-    if not n_words or len(_ALPHABETIC_WORD.findall(text)) / n_words < rules.min_alphabetic_words:
+    alphabetic = sum(1 for w in words if w[0].isalpha() or w[-1].isalpha() or _LETTER.search(w))
+    if not words or alphabetic / len(words) < rules.min_alphabetic_words:
         failures.append("gopher_alphabetic_words")
-    if rules.min_stop_words and len(STOP_WORDS.intersection(text.split())) < rules.min_stop_words:
+    if rules.min_stop_words and len(STOP_WORDS.intersection(words)) < rules.min_stop_words:
         failures.append("gopher_stop_words")
     return failures
