@@ -43,3 +43,13 @@ def test_prepare_train_eval_generate_export(tmp_path):
     pytest.importorskip("transformers")
     scratchlm("export", "--run", "run", "--out", "hf", cwd=tmp_path)
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+
+    gguf = pytest.importorskip("gguf")
+    out = scratchlm("export", "--run", "run", "--format", "gguf", "--dtype", "q8_0", "--out", "m.gguf", cwd=tmp_path)
+    assert "GGUF, Q8_0" in out.stdout
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert reader.fields["llama.block_count"].contents() == 1 and len(reader.tensors) == 3 + 9
+    again = subprocess.run([sys.executable, "-m", "scratchlm.cli", "export", "--run", "run", "--format", "gguf",
+                            "--out", "m.gguf"], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 1
+    assert again.stderr.strip().endswith("m.gguf exists: give a new path, or --force to replace it")

@@ -628,6 +628,17 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
     assert "multiple of bands" in err and err.count("\n") == 1
 
 
+def test_relative_input_paths(tmp_path, monkeypatch):
+    from scratchlm.curate.readers import read_input
+
+    small_inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plain.txt").write_text("To be, or not to be.")
+    [text] = read_input(Path("plain.txt"), lambda *_: None)
+    [html] = read_input(Path("site/page0.html"), lambda *_: None)
+    assert text.url == (tmp_path / "plain.txt").as_uri() and html.url == (tmp_path / "site" / "page0.html").as_uri()
+
+
 def test_pipeline_through_ray(tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'scratchlm[ray]')")
     from scratchlm.cli import main

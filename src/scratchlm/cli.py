@@ -417,9 +417,20 @@ def cmd_curate_quality(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     import_torch()
     from scratchlm.infer import load_run
+
+    if args.format == "hf" and args.dtype != "f32":
+        raise ScratchLMError(f"--dtype {args.dtype} is for --format gguf; the Hugging Face export is float32")
+    model, tokenizer, config, step = load_run(args.run, "cpu")
+    if args.format == "gguf":
+        from scratchlm.infer.gguf_export import export_gguf
+
+        out = export_gguf(model, args.out, tokenizer, args.dtype, name=Path(args.run).name, force=args.force)
+        size = out.stat().st_size / 1e6
+        print(f"exported {args.run} (step {step}) to {out} (GGUF, {args.dtype.upper()}, {size:.1f} MB)")
+        print(f"run it with llama.cpp: llama-cli -m {out}")
+        return
     from scratchlm.infer.export import export_huggingface
 
-    model, _, config, step = load_run(args.run, "cpu")
     out = export_huggingface(model, args.out, config.data.tokenizer, force=args.force)
     print(f"exported {args.run} (step {step}) to {out}/: model.safetensors, config.json, tokenizer.json")
     print(f"load it with: transformers.LlamaForCausalLM.from_pretrained({str(out)!r})")
@@ -518,10 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="override the run's device (e.g. cpu)")
     gen.set_defaults(func=cmd_generate)
 
-    exp = stages.add_parser("export", help="export a run to the Hugging Face format (LlamaForCausalLM)")
+    exp = stages.add_parser("export", help="export a run to the Hugging Face format (LlamaForCausalLM) or GGUF")
     exp.add_argument("--run", required=True, help="run directory")
-    exp.add_argument("--out", required=True, help="output directory (new or empty, unless --force)")
-    exp.add_argument("--force", action="store_true", help="replace the files an earlier export wrote in --out")
+    exp.add_argument("--out", required=True, help="hf: a new or empty directory; gguf: the .gguf file")
+    exp.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf (default) or gguf (llama.cpp)")
+    exp.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f32", help="GGUF weights (default f32)")
+    exp.add_argument("--force", action="store_true", help="replace an earlier export at --out")
     exp.set_defaults(func=cmd_export)
 
     from scratchlm.bench.sizes import DTYPE_NAMES, MODES, SIZES

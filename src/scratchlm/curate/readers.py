@@ -88,7 +88,7 @@ def _gzip_problem(path: Path) -> str | None:
 
 
 def read_html_file(path: Path, doc_id: str) -> Document:
-    return Document(doc_id, source=str(path), url=path.as_uri(), raw=path.read_bytes())
+    return Document(doc_id, source=str(path), url=path.absolute().as_uri(), raw=path.read_bytes())
 
 
 def read_jsonl(path: Path, on_error: ErrorSink) -> Iterator[Document]:
@@ -122,7 +122,7 @@ def read_text(path: Path, on_error: ErrorSink) -> Iterator[Document]:
     except (OSError, EOFError) as exc:
         on_error(path.name, f"unreadable ({exc})")
         return
-    yield Document(path.name, data.decode("utf-8", errors="replace"), str(path), path.as_uri())
+    yield Document(path.name, data.decode("utf-8", errors="replace"), str(path), path.absolute().as_uri())
 
 
 def read_input(path: Path, on_error: ErrorSink) -> Iterator[Document]:

@@ -101,7 +101,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     for name, s in report["stages"].items():
         for kind in ("removed", "kept"):
             for e in s[f"{kind}_examples"]:
-                text = " ".join(e["text"].split())[:200].replace("|", "\\|")
+                text = " ".join(e["text"].split())[:200].replace("|", "\\|") or "*(no text)*"
                 reason = f" ({e['reason']})" if "reason" in e else ""
                 lines.append(f"- **{name}, {kind}{reason}** `{e['id']}`: {text}")
     return "\n".join(lines) + "\n"
