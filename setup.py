@@ -34,7 +34,7 @@ setup(
                 extra_compile_args=["-O3", "-fno-trapping-math", "-fopenmp"],
                 extra_link_args=["-fopenmp"],
             )
-            for name in ("_kernels", "_attention")
+            for name in ("_kernels", "_attention", "_quant")
         ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},

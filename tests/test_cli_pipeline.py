@@ -39,6 +39,9 @@ def test_prepare_train_eval_generate_export(tmp_path):
     gen = scratchlm("generate", "--run", "run", "--prompt", "the king", "--max-new-tokens", "8", "--seed", "1",
                     cwd=tmp_path)  # fmt: skip
     assert gen.stdout.startswith("the king") and "decode" in gen.stderr and "tok/s" in gen.stderr
+    gen8 = scratchlm("generate", "--run", "run", "--prompt", "the king", "--max-new-tokens", "8", "--weights", "int8",
+                     cwd=tmp_path)  # fmt: skip
+    assert gen8.stdout.startswith("the king") and "| int8 |" in gen8.stderr
 
     pytest.importorskip("transformers")
     scratchlm("export", "--run", "run", "--out", "hf", cwd=tmp_path)

@@ -201,6 +201,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed, args.stop or ())
     model, tokenizer, _, step = load_run(args.run, args.device)
+    if args.weights != "float32":
+        from scratchlm.model.layers import set_decode_weights
+
+        set_decode_weights(model, args.weights)
     prompts = args.prompt
     stream = len(prompts) == 1
     if stream:
@@ -214,7 +218,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         for result in results:
             print(f"--- {result.prompt!r}\n{result.prompt}{result.text}")
     print(
-        f"[step {step} | prefill {stats.prefill_tokens} tokens at {stats.prefill_tokens_per_s:,.0f} tok/s | "
+        f"[step {step} | {args.weights} | prefill {stats.prefill_tokens} tokens at "
+        f"{stats.prefill_tokens_per_s:,.0f} tok/s | "
         f"decode {stats.decode_tokens} tokens at {stats.decode_tokens_per_s:,.1f} tok/s | "
         f"stopped: {', '.join(sorted({r.stop_reason for r in results}))}]",
         file=sys.stderr,
@@ -527,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=number(int, 0), default=None)
     gen.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
     gen.add_argument("--device", default=None, help="override the run's device (e.g. cpu)")
+    gen.add_argument("--weights", choices=["float32", "int8"], default="float32",
+                     help="int8: CPU decoding steps with int8 weights per channel (4x fewer bytes)")  # fmt: skip
     gen.set_defaults(func=cmd_generate)
 
     exp = stages.add_parser("export", help="export a run to the Hugging Face format (LlamaForCausalLM) or GGUF")

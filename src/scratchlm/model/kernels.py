@@ -30,8 +30,15 @@ try:
 except ImportError:
     _attention = None
 
+try:
+    from scratchlm.model import _quant
+except ImportError:
+    _quant = None
+
 HAVE_C = _kernels is not None
 HAVE_C_ATTENTION = _attention is not None
+HAVE_C_INT8 = _quant is not None
+INT8_MAX_ROWS = 16  # rows per call of the C kernel (a decoding step's batch)
 
 
 def _float32_cpu_contiguous(*tensors: Tensor) -> bool:
@@ -218,3 +225,28 @@ def causal_self_attention(qkv: Tensor, heads: int, kv_heads: int, rotations: Ten
     sin per position and pair of dimensions (see RotaryEmbedding), or None for none.
     Returns (batch, seq, heads d), the heads merged."""
     return _CausalSelfAttention.apply(qkv, rotations, heads, kv_heads)
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per output channel: weight (d_out, d_in) ~ scale[:, None] * q, q in [-127, 127],
+    scale = max |row| / 127 (1 for a row of zeros). Returns (q int8 (d_out, d_in), scale float32 (d_out,))."""
+    w = weight.detach().float()
+    top = w.abs().amax(dim=1)
+    scale = torch.where(top > 0, top / 127, torch.ones_like(top))
+    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous(), scale.contiguous()
+
+
+def int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """x (rows, d_in) float32 times (scale[:, None] * q)^T -> (rows, d_out), with x quantised to int8 per
+    row (sx = max |x_row| / 127) and the products summed exactly in int32: `_quant.c` on CPU where it
+    is built, else the same arithmetic in PyTorch (which the tests check it against)."""
+    rows, d_in = x.shape
+    if HAVE_C_INT8 and _float32_cpu_contiguous(x):
+        y = torch.empty(rows, q.shape[0])
+        for start in range(0, rows, INT8_MAX_ROWS):
+            part = x[start : start + INT8_MAX_ROWS]
+            _quant.int8_linear(part.data_ptr(), q.data_ptr(), scale.data_ptr(), y[start:].data_ptr(), len(part),
+                               d_in, q.shape[0], torch.get_num_threads())  # fmt: skip
+        return y
+    qx, sx = quantize_int8(x)
+    return (qx.to(torch.int32) @ q.to(torch.int32).T).float() * sx[:, None] * scale

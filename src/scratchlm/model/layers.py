@@ -44,8 +44,9 @@ def project(x: Tensor, weights: tuple[Tensor, ...], owner: nn.Module) -> Tensor:
     rebuilt whenever a weight changes.
     """
     if _is_cpu_decode_step(x):
-        if owner._decode is None or not owner._decode.matches(weights, x):
-            owner._decode = DecodeWeight(weights, x)
+        kind = getattr(owner, "decode_weights", "float32")
+        if owner._decode is None or not owner._decode.matches(weights, x, kind):
+            owner._decode = DecodeWeight(weights, x, kind)
         return owner._decode.matmul(x)
     return x @ stack_rows(weights).mT
 
@@ -110,15 +111,20 @@ class DecodeWeight:
     Otherwise a contiguous W^T. Measured on the small shape's 70 MB of weights, 2-core EPYC, against
     x @ W^T: one row 4.0 -> 2.3 ms (stacked, split), 8 rows 10.0 -> 5.1 ms
     (benchmarks/generate_decode.py has the end-to-end figures).
+
+    kind "int8" (`set_decode_weights`): W as int8 per output channel and x quantised per row, the
+    product in `kernels.int8_linear`: a quarter of the bytes to stream.
     """
 
-    def __init__(self, weights: tuple[Tensor, ...], x: Tensor) -> None:
-        self.key = self._key(weights, x)
+    def __init__(self, weights: tuple[Tensor, ...], x: Tensor, kind: str = "float32") -> None:
+        self.key = self._key(weights, x, kind)
         w = torch.cat(weights).detach() if len(weights) > 1 else weights[0].detach()
-        rows, threads = self.key[-2:]
+        rows, threads = self.key[-3:-1]
         d_out, d_in = w.shape
         self.kind = "transposed"
-        if rows == 1 and threads > 1 and d_out % threads == 0:
+        if kind == "int8":
+            self.kind, (self.q, self.scale) = "int8", kernels.quantize_int8(w)
+        elif rows == 1 and threads > 1 and d_out % threads == 0:
             self.kind, self.packed = "split", w.reshape(threads, d_out // threads, d_in).mT.contiguous()
         elif rows > 1 and w.dtype == torch.float32 and _onednn_linear_available():
             self.kind, self.packed = "onednn", torch.ops.mkldnn._reorder_linear_weight(w, rows)
@@ -126,15 +132,18 @@ class DecodeWeight:
             self.packed = w.t().contiguous()
 
     @staticmethod
-    def _key(weights: tuple[Tensor, ...], x: Tensor) -> tuple:
+    def _key(weights: tuple[Tensor, ...], x: Tensor, kind: str) -> tuple:
         versions = tuple((w._version, w.data_ptr(), w.dtype) for w in weights)
-        return (*versions, x.numel() // x.shape[-1], torch.get_num_threads())
+        return (*versions, x.numel() // x.shape[-1], torch.get_num_threads(), kind)
 
-    def matches(self, weights: tuple[Tensor, ...], x: Tensor) -> bool:
-        return self._key(weights, x) == self.key
+    def matches(self, weights: tuple[Tensor, ...], x: Tensor, kind: str = "float32") -> bool:
+        return self._key(weights, x, kind) == self.key
 
     def matmul(self, x: Tensor) -> Tensor:
         """x: (..., d_in) -> (..., d_out)"""
+        if self.kind == "int8":
+            out = kernels.int8_linear(x.reshape(-1, x.shape[-1]).float().contiguous(), self.q, self.scale)
+            return out.to(x.dtype).reshape(*x.shape[:-1], -1)
         if self.kind == "split":  # (threads, 1, d_in) @ (threads, d_in, d_out / threads): one slab per thread
             slabs = self.packed
             return torch.bmm(x.reshape(1, 1, -1).expand(slabs.shape[0], 1, -1), slabs).reshape(*x.shape[:-1], -1)
@@ -142,6 +151,20 @@ class DecodeWeight:
             out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, None, "none", [], "")
             return out.reshape(*x.shape[:-1], -1)
         return x @ self.packed
+
+
+DECODE_WEIGHTS = ("float32", "int8")
+
+
+def set_decode_weights(model: nn.Module, kind: str) -> None:
+    """How `model`'s decoding steps on CPU multiply by their weights: "float32" (as trained) or "int8"
+    (per output channel, activations quantised per row; see DecodeWeight). Training, prompts and
+    evaluation are untouched: only steps of one new position per sequence use it."""
+    if kind not in DECODE_WEIGHTS:
+        raise ValueError(f"decode weights: expected one of {', '.join(DECODE_WEIGHTS)}, got {kind!r}")
+    for module in model.modules():
+        if hasattr(module, "_decode"):
+            module.decode_weights, module._decode = kind, None
 
 
 class Embedding(nn.Module):

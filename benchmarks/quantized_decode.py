@@ -1,0 +1,122 @@
+"""Int8 decoding against float32, batch 1: tokens/s and memory-bandwidth utilisation (MBU) on a model
+well above the L3 cache, the machine's bandwidth measured in the same run; and held-out bits per byte
+of a trained run decoded both ways.
+
+    python benchmarks/quantized_decode.py [--run RUN] [--eval-tokens 4096]
+
+Speed: a random-weight model of 390 MB of float32 weights streamed per token (d_model 768, 12 layers,
+d_ff 2048, vocab 16384), greedy, 64 new tokens after a 16-token prompt, median of 3 alternating
+rounds. MBU = bytes of weights read per token x tokens/s / the bandwidth of a large `copy_` (read +
+write). Quality: `--run` (default: the curated run of benchmarks/curation_quality.py when present)
+decodes its validation tokens one position a step with the KV cache, float32 then int8; bits per byte
+over the same tokens. Targets (issue 15): int8 >= 2x float32 tokens/s; bits per byte within 1%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, table
+from generate_decode import IdTokenizer
+
+PROMPT_TOKENS, NEW_TOKENS = 16, 64
+DEFAULT_RUN = Path("runs/curation-quality/curated/run")
+
+
+def bandwidth() -> float:
+    """Bytes per second of a 512 MB float32 copy (read + write), the best of 5."""
+    a, b = torch.ones(128 * 2**20), torch.empty(128 * 2**20)
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - start)
+    return 2 * a.numel() * 4 / best
+
+
+def decode_speed(rows: list) -> None:
+    from scratchlm.infer.generate import Sampling, generate
+    from scratchlm.model import ModelConfig, TransformerLM
+    from scratchlm.model.layers import set_decode_weights
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=16384, context_length=256, d_model=768, n_layers=12, n_heads=12, d_ff=2048)
+    model = TransformerLM(config).eval()
+    streamed = sum(p.numel() for name, p in model.named_parameters() if "token_embeddings" not in name)
+    prompt = torch.randint(0, config.vocab_size, (PROMPT_TOKENS,)).tolist()
+    tokenizer, greedy = IdTokenizer(config.vocab_size, prompt), Sampling(temperature=0, max_new_tokens=NEW_TOKENS)
+    peak = bandwidth()
+    times: dict[str, list[float]] = {"float32": [], "int8": []}
+    for _ in range(3):
+        for kind in times:
+            set_decode_weights(model, kind)
+            generate(model, tokenizer, ["p"], Sampling(temperature=0, max_new_tokens=2))  # builds the decode weights
+            _, stats = generate(model, tokenizer, ["p"], greedy)
+            times[kind].append(1 / stats.decode_tokens_per_s)
+    base = 1 / statistics.median(times["float32"])
+    for kind, per_byte in (("float32", 4), ("int8", 1)):
+        tps = 1 / statistics.median(times[kind])
+        mbu = streamed * per_byte * tps / peak
+        rows.append([kind, f"{streamed * per_byte / 1e6:,.0f}", f"{tps:,.1f}", f"{mbu:.0%}", f"{tps / base:.2f}x"])
+    print(f"bandwidth ({'copy_'} of 512 MB, read + write): {peak / 1e9:.1f} GB/s")
+
+
+@torch.no_grad()
+def bits_per_byte(run: Path, n_tokens: int) -> list:
+    from scratchlm.infer import load_run
+    from scratchlm.model.layers import set_decode_weights
+
+    model, tokenizer, config, _ = load_run(run, "cpu")
+    model.eval()
+    tokens = torch.from_numpy(
+        np.array(np.memmap(config.data.val_tokens, dtype=np.uint16, mode="r")[: n_tokens + 1]).astype(np.int64)
+    )
+    ctx = model.config.context_length
+    targets = tokens[1:]
+    n_bytes = sum(len(tokenizer.vocab[int(t)]) for t in targets)
+    out = []
+    for kind in ("float32", "int8"):
+        set_decode_weights(model, kind)
+        nats = 0.0
+        for start in range(0, n_tokens, ctx):
+            chunk = tokens[start : min(start + ctx, n_tokens) + 1]
+            caches = model.new_caches(1)
+            for t in range(len(chunk) - 1):  # one position a step: the decoding path
+                logits = model(chunk[t : t + 1].view(1, 1), torch.tensor([t]), caches)[0, -1]
+                nats += float(torch.logsumexp(logits, 0) - logits[chunk[t + 1]])
+        out.append(nats / math.log(2) / n_bytes)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run", type=Path, default=DEFAULT_RUN)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    args = parser.parse_args()
+    print(f"machine: {machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    from scratchlm.model import kernels
+
+    print(f"int8 kernel: {kernels._quant.PATH if kernels.HAVE_C_INT8 else 'PyTorch (no C extension)'}")
+    rows: list = []
+    decode_speed(rows)
+    print(table(["weights", "MB read / token", "tok/s (batch 1)", "MBU", "vs float32"], rows))
+    if (args.run / "config.toml").is_file():
+        fp32, int8 = bits_per_byte(args.run, args.eval_tokens)
+        print(f"\n{args.run}: {args.eval_tokens} validation tokens decoded one a step")
+        print(table(["weights", "bits/byte", "vs float32"],
+                    [["float32", f"{fp32:.4f}", ""], ["int8", f"{int8:.4f}", f"{int8 / fp32 - 1:+.2%}"]]))  # fmt: skip
+    else:
+        print(f"\n(no run at {args.run}: bits per byte skipped; give --run)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Int8 decoding: the quantiser's rounding bound, the C kernel against the same arithmetic in PyTorch and
+against dequantised `F.linear`, and a model decoding with int8 weights against float32."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scratchlm.model import ModelConfig, TransformerLM, kernels
+from scratchlm.model.layers import set_decode_weights
+
+
+def test_quantize_int8_rounds_each_channel_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(37, 100) * torch.rand(37, 1)  # channels of very different ranges
+    w[5] = 0  # a row of zeros keeps scale 1 and q 0
+    q, scale = kernels.quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127 and (q.abs().amax(1)[torch.arange(37) != 5] == 127).all()
+    assert scale[5] == 1 and (q[5] == 0).all()
+    assert ((scale[:, None] * q.float() - w).abs() <= scale[:, None] / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 21])  # 21: two calls of the C kernel (16 rows at most each)
+@pytest.mark.parametrize("d_in", [64, 200, 1000])  # tails shorter than the SIMD blocks of 64 and 128 bytes
+def test_int8_kernel_equals_the_same_arithmetic_in_pytorch(rows, d_in, monkeypatch):
+    if not kernels.HAVE_C_INT8:
+        pytest.skip("the C extension _quant is not built")
+    torch.manual_seed(rows * d_in)
+    x, w = torch.randn(rows, d_in), torch.randn(48, d_in)
+    q, scale = kernels.quantize_int8(w)
+    ours = kernels.int8_linear(x, q, scale)
+    monkeypatch.setattr(kernels, "HAVE_C_INT8", False)
+    torch.testing.assert_close(ours, kernels.int8_linear(x, q, scale), rtol=1e-6, atol=1e-5)
+
+
+def test_int8_product_against_dequantised_linear_within_the_activation_rounding():
+    """With W = scale * q exactly, the only error left is x's rounding: |y - x W^T| <= sum_i |W_oi| sx / 2."""
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 512) * 3, torch.randn(300, 512) * 0.05
+    q, scale = kernels.quantize_int8(w)
+    dequantised = scale[:, None] * q.float()
+    y = kernels.int8_linear(x, q, scale)
+    sx = x.abs().amax(1) / 127
+    bound = (sx[:, None] / 2) * dequantised.abs().sum(1)[None, :]
+    exact = F.linear(x.double(), dequantised.double()).float()
+    assert ((y - exact).abs() <= bound * 1.001 + 1e-5).all()
+    assert (y - exact).abs().max() > 0  # the activations really are quantised
+    assert (y - F.linear(x, w)).norm() / F.linear(x, w).norm() < 0.02
+
+
+@torch.no_grad()
+def test_decoding_with_int8_weights_follows_float32():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=300, context_length=64, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2)
+    model = TransformerLM(config).eval()
+    ids = torch.randint(0, 300, (2, 24))
+
+    def decode_logits() -> torch.Tensor:
+        caches = model.new_caches(2)
+        steps = [model(ids[:, :1], torch.tensor([0]), caches)]
+        for t in range(1, ids.shape[1]):  # one position a step: the decoding path
+            steps.append(model(ids[:, t : t + 1], torch.tensor([t]), caches))
+        return torch.cat(steps, dim=1)
+
+    full = decode_logits()
+    torch.testing.assert_close(full, model(ids), rtol=1e-4, atol=1e-4)
+    set_decode_weights(model, "int8")
+    int8 = decode_logits()
+    assert 0 < (int8 - full).norm() / full.norm() < 0.03
+    torch.testing.assert_close(model(ids), full, rtol=1e-4, atol=1e-4)  # whole sequences stay float32
+    with torch.no_grad():  # a changed weight is re-quantised
+        model.lm_head.weight.mul_(2)
+    assert (decode_logits() - 2 * int8).norm() / int8.norm() < 1e-5
+    set_decode_weights(model, "float32")
+    torch.testing.assert_close(decode_logits(), model(ids), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="decode weights: expected one of float32, int8, got 'int4'"):
+        set_decode_weights(model, "int4")
