@@ -8,7 +8,7 @@
  * The byte products use llama.cpp's sign trick: |q| (unsigned) times qx with q's sign (signed), the
  * operand types of AVX2's vpmaddubsw and AVX-512 VNNI's vpdpbusd, and no pair sum can saturate
  * (2 * 127 * 127 < 2^15). The CPU's best path is picked at load time: AVX-512 VNNI (64 bytes an
- * instruction), AVX2, or plain C. A decoding step reads each weight once for all its rows: a quarter
+ * instruction), AVX2, or plain C; each computes four output channels at once. A decoding step reads each weight once for all its rows: a quarter
  * of the bytes of float32, which is what bounds the speed of decoding.
  */
 #include "_cpu.h"
@@ -21,7 +21,9 @@
 
 #define MAX_ROWS 16 /* rows of x per call (a decoding step's batch) */
 
-typedef int32_t (*DotFn)(const int8_t *a, const int8_t *w, int64_t d);
+/* Four dot products at once, of `a` with the rows w, w + d, w + 2d, w + 3d: each load of `a` serves
+ * four weight rows and one horizontal sum finishes all four. */
+typedef void (*Dot4Fn)(const int8_t *a, const int8_t *w, int64_t d, int32_t out[4]);
 
 static int32_t dot_plain(const int8_t *restrict a, const int8_t *restrict w, int64_t d) {
     int32_t acc = 0;
@@ -29,61 +31,63 @@ static int32_t dot_plain(const int8_t *restrict a, const int8_t *restrict w, int
     return acc;
 }
 
-#ifdef X86
-__attribute__((target("avx2,fma"))) static int32_t dot_avx2(const int8_t *a, const int8_t *w, int64_t d) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
-    int64_t i = 0;
-    for (; i + 64 <= d; i += 64) {
-        __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + i)), a0 = _mm256_loadu_si256((const __m256i *)(a + i));
-        __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + i + 32));
-        __m256i a1 = _mm256_loadu_si256((const __m256i *)(a + i + 32));
-        __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(a0, w0));
-        __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(w1), _mm256_sign_epi8(a1, w1));
-        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(p0, ones));
-        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(p1, ones));
-    }
-    __m256i acc = _mm256_add_epi32(acc0, acc1);
-    __m128i half = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    half = _mm_hadd_epi32(half, half);
-    half = _mm_hadd_epi32(half, half);
-    return _mm_cvtsi128_si32(half) + dot_plain(a + i, w + i, d - i);
+static void dot4_plain(const int8_t *a, const int8_t *w, int64_t d, int32_t out[4]) {
+    for (int k = 0; k < 4; k++) out[k] = dot_plain(a, w + k * d, d);
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static int32_t dot_vnni(const int8_t *a, const int8_t *w,
-                                                                              int64_t d) {
-    const __m512i zero = _mm512_setzero_si512();
-    __m512i acc0 = zero, acc1 = zero;
+#ifdef X86
+__attribute__((target("avx2"))) static void dot4_avx2(const int8_t *a, const int8_t *w, int64_t d, int32_t out[4]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
     int64_t i = 0;
-    for (; i + 128 <= d; i += 128) {
-        __m512i w0 = _mm512_loadu_si512(w + i), a0 = _mm512_loadu_si512(a + i);
-        __m512i w1 = _mm512_loadu_si512(w + i + 64), a1 = _mm512_loadu_si512(a + i + 64);
-        __m512i s0 = _mm512_mask_sub_epi8(a0, _mm512_movepi8_mask(w0), zero, a0); /* a with w's sign */
-        __m512i s1 = _mm512_mask_sub_epi8(a1, _mm512_movepi8_mask(w1), zero, a1);
-        acc0 = _mm512_dpbusd_epi32(acc0, _mm512_abs_epi8(w0), s0);
-        acc1 = _mm512_dpbusd_epi32(acc1, _mm512_abs_epi8(w1), s1);
+    for (; i + 32 <= d; i += 32) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(a + i));
+        for (int k = 0; k < 4; k++) {
+            const __m256i wk = _mm256_loadu_si256((const __m256i *)(w + k * d + i));
+            const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(wk), _mm256_sign_epi8(x, wk));
+            acc[k] = _mm256_add_epi32(acc[k], _mm256_madd_epi16(pairs, ones));
+        }
     }
-    return _mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1)) + dot_plain(a + i, w + i, d - i);
+    const __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
+    const __m128i four = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+    _mm_storeu_si128((__m128i *)out, four);
+    for (int k = 0; k < 4; k++) out[k] += dot_plain(a + i, w + k * d + i, d - i);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void dot4_vnni(const int8_t *a, const int8_t *w,
+                                                                            int64_t d, int32_t out[4]) {
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i acc[4] = {zero, zero, zero, zero};
+    int64_t i = 0;
+    for (; i + 64 <= d; i += 64) {
+        const __m512i x = _mm512_loadu_si512(a + i);
+        for (int k = 0; k < 4; k++) {
+            const __m512i wk = _mm512_loadu_si512(w + k * d + i);
+            const __m512i signed_x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(wk), zero, x); /* x * sign(w) */
+            acc[k] = _mm512_dpbusd_epi32(acc[k], _mm512_abs_epi8(wk), signed_x);
+        }
+    }
+    for (int k = 0; k < 4; k++) out[k] = _mm512_reduce_add_epi32(acc[k]) + dot_plain(a + i, w + k * d + i, d - i);
 }
 #endif
 
-static DotFn best_dot(const char **name) {
+static Dot4Fn best_dot4(const char **name) {
 #ifdef X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")) {
         *name = "avx512-vnni";
-        return dot_vnni;
+        return dot4_vnni;
     }
     if (__builtin_cpu_supports("avx2")) {
         *name = "avx2";
-        return dot_avx2;
+        return dot4_avx2;
     }
 #endif
     *name = "c";
-    return dot_plain;
+    return dot4_plain;
 }
 
-static DotFn dot_int8;
+static Dot4Fn dot4_int8;
 static const char *dot_name;
 
 typedef struct {
@@ -95,14 +99,23 @@ typedef struct {
     int64_t rows, d_in, d_out;
 } Int8Args;
 
+/* Output channels [begin, end) for every row; the work is split over threads in groups of four. */
 static void int8_range(const void *args, int64_t begin, int64_t end, int part) {
     (void)part;
     const Int8Args *s = args;
-    for (int64_t o = begin; o < end; o++)
+    const int64_t d = s->d_in;
+    int32_t acc[4];
+    for (int64_t g = begin * 4; g < end * 4 && g < s->d_out; g += 4) {
+        const int64_t n = s->d_out - g < 4 ? s->d_out - g : 4;
         for (int64_t r = 0; r < s->rows; r++) {
-            int32_t acc = dot_int8(s->qx + r * s->d_in, s->q + o * s->d_in, s->d_in);
-            s->y[r * s->d_out + o] = s->scale[o] * s->sx[r] * (float)acc;
+            if (n == 4) {
+                dot4_int8(s->qx + r * d, s->q + g * d, d, acc);
+            } else {
+                for (int64_t k = 0; k < n; k++) acc[k] = dot_plain(s->qx + r * d, s->q + (g + k) * d, d);
+            }
+            for (int64_t k = 0; k < n; k++) s->y[r * s->d_out + g + k] = s->scale[g + k] * s->sx[r] * (float)acc[k];
         }
+    }
 }
 
 /* qx[r, :] = round(x[r, :] / sx[r]) with sx[r] = max |x[r, :]| / 127 (1 for a row of zeros). */
@@ -136,7 +149,7 @@ static PyObject *int8_linear(PyObject *self, PyObject *args) {
     if (!qx) return PyErr_NoMemory();
     quantize_rows(PTR(const float, x), rows, d_in, qx, sx);
     Int8Args s = {qx, sx, PTR(const int8_t, q), PTR(const float, scale), PTR(float, y), rows, d_in, d_out};
-    parallel_for(int8_range, &s, d_out, d_in * rows, threads);
+    parallel_for(int8_range, &s, (d_out + 3) / 4, 4 * d_in * rows, threads);
     free(qx);
     Py_RETURN_NONE;
 }
@@ -151,7 +164,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_quant", "Int8 decod
                                     NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__quant(void) {
-    dot_int8 = best_dot(&dot_name);
+    dot4_int8 = best_dot4(&dot_name);
     PyObject *m = PyModule_Create(&module);
     if (m && PyModule_AddStringConstant(m, "PATH", dot_name) < 0) {
         Py_DECREF(m);
