@@ -9,7 +9,8 @@ d_ff 2048, vocab 16384), greedy, 64 new tokens after a 16-token prompt, median o
 rounds. MBU = bytes of weights read per token x tokens/s / the bandwidth of a large `copy_` (read +
 write). Quality: `--run` (default: the curated run of benchmarks/curation_quality.py when present)
 decodes its validation tokens one position a step with the KV cache, float32 then int8; bits per byte
-over the same tokens. Targets (issue 15): int8 >= 2x float32 tokens/s; bits per byte within 1%.
+over the same tokens (bfloat16 too). Targets (issue 15): int8 >= 2x float32 tokens/s; bits per byte
+within 1%.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def decode_speed(rows: list) -> None:
     prompt = torch.randint(0, config.vocab_size, (PROMPT_TOKENS,)).tolist()
     tokenizer, greedy = IdTokenizer(config.vocab_size, prompt), Sampling(temperature=0, max_new_tokens=NEW_TOKENS)
     peak = bandwidth()
-    times: dict[str, list[float]] = {"float32": [], "int8": []}
+    times: dict[str, list[float]] = {"float32": [], "bfloat16": [], "int8": []}
     for _ in range(3):
         for kind in times:
             set_decode_weights(model, kind)
@@ -63,7 +64,7 @@ def decode_speed(rows: list) -> None:
             _, stats = generate(model, tokenizer, ["p"], greedy)
             times[kind].append(1 / stats.decode_tokens_per_s)
     base = 1 / statistics.median(times["float32"])
-    for kind, per_byte in (("float32", 4), ("int8", 1)):
+    for kind, per_byte in (("float32", 4), ("bfloat16", 2), ("int8", 1)):
         tps = 1 / statistics.median(times[kind])
         mbu = streamed * per_byte * tps / peak
         rows.append([kind, f"{streamed * per_byte / 1e6:,.0f}", f"{tps:,.1f}", f"{mbu:.0%}", f"{tps / base:.2f}x"])
@@ -84,7 +85,7 @@ def bits_per_byte(run: Path, n_tokens: int) -> list:
     targets = tokens[1:]
     n_bytes = sum(len(tokenizer.vocab[int(t)]) for t in targets)
     out = []
-    for kind in ("float32", "int8"):
+    for kind in ("float32", "bfloat16", "int8"):
         set_decode_weights(model, kind)
         nats = 0.0
         for start in range(0, n_tokens, ctx):
@@ -110,10 +111,10 @@ def main() -> None:
     decode_speed(rows)
     print(table(["weights", "MB read / token", "tok/s (batch 1)", "MBU", "vs float32"], rows))
     if (args.run / "config.toml").is_file():
-        fp32, int8 = bits_per_byte(args.run, args.eval_tokens)
+        fp32, bf16, int8 = bits_per_byte(args.run, args.eval_tokens)
         print(f"\n{args.run}: {args.eval_tokens} validation tokens decoded one a step")
-        print(table(["weights", "bits/byte", "vs float32"],
-                    [["float32", f"{fp32:.4f}", ""], ["int8", f"{int8:.4f}", f"{int8 / fp32 - 1:+.2%}"]]))  # fmt: skip
+        print(table(["weights", "bits/byte", "vs float32"], [["float32", f"{fp32:.4f}", ""]] + [
+            [kind, f"{bpb:.4f}", f"{bpb / fp32 - 1:+.2%}"] for kind, bpb in (("bfloat16", bf16), ("int8", int8))]))  # fmt: skip
     else:
         print(f"\n(no run at {args.run}: bits per byte skipped; give --run)")
 

@@ -32,6 +32,17 @@ def test_int8_kernel_equals_the_same_arithmetic_in_pytorch(rows, d_in, monkeypat
     torch.testing.assert_close(ours, kernels.int8_linear(x, q, scale), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows,d_in,d_out", [(1, 64, 48), (3, 203, 50), (8, 1000, 7)])  # tails of 8 and of 4 channels
+def test_bf16_kernel_against_linear_on_the_rounded_weights(rows, d_in, d_out, monkeypatch):
+    torch.manual_seed(d_in)
+    x, w = torch.randn(rows, d_in), torch.randn(d_out, d_in).to(torch.bfloat16)
+    exact = F.linear(x.double(), w.double())
+    ours = kernels.bf16_linear(x, w)
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(kernels, "HAVE_C_INT8", False)
+    torch.testing.assert_close(kernels.bf16_linear(x, w).double(), exact, rtol=1e-5, atol=1e-5)
+
+
 def test_int8_product_against_dequantised_linear_within_the_activation_rounding():
     """With W = scale * q exactly, the only error left is x's rounding: |y - x W^T| <= sum_i |W_oi| sx / 2."""
     torch.manual_seed(0)
@@ -70,7 +81,10 @@ def test_decoding_with_int8_weights_follows_float32():
     with torch.no_grad():  # a changed weight is re-quantised
         model.lm_head.weight.mul_(2)
     assert (decode_logits() - 2 * int8).norm() / int8.norm() < 1e-5
+    set_decode_weights(model, "bfloat16")
+    bf16 = decode_logits()
+    assert 0 < (bf16 - model(ids)).norm() / model(ids).norm() < 0.01
     set_decode_weights(model, "float32")
     torch.testing.assert_close(decode_logits(), model(ids), rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="decode weights: expected one of float32, int8, got 'int4'"):
+    with pytest.raises(ValueError, match="decode weights: expected one of float32, bfloat16, int8, got 'int4'"):
         set_decode_weights(model, "int4")

@@ -532,8 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=number(int, 0), default=None)
     gen.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
     gen.add_argument("--device", default=None, help="override the run's device (e.g. cpu)")
-    gen.add_argument("--weights", choices=["float32", "int8"], default="float32",
-                     help="int8: CPU decoding steps with int8 weights per channel (4x fewer bytes)")  # fmt: skip
+    gen.add_argument("--weights", choices=["float32", "bfloat16", "int8"], default="float32",
+                     help="CPU decoding steps with bf16 (2x fewer bytes) or int8 weights per channel (4x)")  # fmt: skip
     gen.set_defaults(func=cmd_generate)
 
     exp = stages.add_parser("export", help="export a run to the Hugging Face format (LlamaForCausalLM) or GGUF")

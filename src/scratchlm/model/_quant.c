@@ -8,7 +8,10 @@
  * The byte products use llama.cpp's sign trick: |q| (unsigned) times qx with q's sign (signed), the
  * operand types of AVX2's vpmaddubsw and AVX-512 VNNI's vpdpbusd, and no pair sum can saturate
  * (2 * 127 * 127 < 2^15). The CPU's best path is picked at load time: AVX-512 VNNI (64 bytes an
- * instruction), AVX2, or plain C; each computes four output channels at once. A decoding step reads each weight once for all its rows: a quarter
+ * instruction), AVX2, or plain C; each computes four output channels at once.
+ *
+ * bf16_linear: weights in bfloat16 (half the bytes of float32), x kept in float32, products summed in
+ * float32 (AVX2 + FMA, or plain C). A decoding step reads each weight once for all its rows: a quarter
  * of the bytes of float32, which is what bounds the speed of decoding.
  */
 #include "_cpu.h"
@@ -154,9 +157,96 @@ static PyObject *int8_linear(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- bfloat16 weights: half the bytes of float32, no rounding of x; a bf16 is a float's top 16 bits ---- */
+
+typedef void (*Bf16Dot4Fn)(const float *x, const uint16_t *w, int64_t d, float out[4]);
+
+INLINE float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static void bf16_dot4_plain(const float *x, const uint16_t *w, int64_t d, float out[4]) {
+    for (int k = 0; k < 4; k++) {
+        float lanes[LANES] = {0};
+        const uint16_t *wk = w + k * d;
+        int64_t i = 0;
+        for (; i + LANES <= d; i += LANES)
+            for (int l = 0; l < LANES; l++) lanes[l] += bf16_to_float(wk[i + l]) * x[i + l];
+        float total = 0.0f;
+        for (; i < d; i++) total += bf16_to_float(wk[i]) * x[i];
+        for (int l = 0; l < LANES; l++) total += lanes[l];
+        out[k] = total;
+    }
+}
+
+#ifdef X86
+__attribute__((target("avx2,fma"))) static void bf16_dot4_avx2(const float *x, const uint16_t *w, int64_t d,
+                                                               float out[4]) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + i);
+        for (int k = 0; k < 4; k++) {
+            const __m128i h = _mm_loadu_si128((const __m128i *)(w + k * d + i));
+            const __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+            acc[k] = _mm256_fmadd_ps(wv, xv, acc[k]);
+        }
+    }
+    const __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1)));
+    for (int k = 0; k < 4; k++)
+        for (int64_t j = i; j < d; j++) out[k] += bf16_to_float(w[k * d + j]) * x[j];
+}
+#endif
+
+static Bf16Dot4Fn bf16_dot4;
+
+typedef struct {
+    const float *x;    /* (rows, d_in) */
+    const uint16_t *w; /* (d_out, d_in) bfloat16 */
+    float *y;          /* (rows, d_out) */
+    int64_t rows, d_in, d_out;
+} Bf16Args;
+
+static void bf16_range(const void *args, int64_t begin, int64_t end, int part) {
+    (void)part;
+    const Bf16Args *s = args;
+    const int64_t d = s->d_in;
+    float acc[4];
+    for (int64_t g = begin * 4; g < end * 4 && g < s->d_out; g += 4) {
+        const int64_t n = s->d_out - g < 4 ? s->d_out - g : 4;
+        for (int64_t r = 0; r < s->rows; r++) {
+            if (n == 4) {
+                bf16_dot4(s->x + r * d, s->w + g * d, d, acc);
+            } else {
+                for (int64_t k = 0; k < n; k++) { /* the last channels, one at a time */
+                    acc[k] = 0.0f;
+                    for (int64_t i = 0; i < d; i++) acc[k] += bf16_to_float(s->w[(g + k) * d + i]) * s->x[r * d + i];
+                }
+            }
+            for (int64_t k = 0; k < n; k++) s->y[r * s->d_out + g + k] = acc[k];
+        }
+    }
+}
+
+static PyObject *bf16_linear(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, w, y;
+    long long rows, d_in, d_out;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKKLLLi", &x, &w, &y, &rows, &d_in, &d_out, &threads)) return NULL;
+    Bf16Args s = {PTR(const float, x), PTR(const uint16_t, w), PTR(float, y), rows, d_in, d_out};
+    parallel_for(bf16_range, &s, (d_out + 3) / 4, 4 * d_in * rows, threads);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"int8_linear", int8_linear, METH_VARARGS,
      "int8_linear(x, q, scale, y, rows, d_in, d_out, threads): y = x (scale * q)^T, x quantised per row"},
+    {"bf16_linear", bf16_linear, METH_VARARGS, "bf16_linear(x, w, y, rows, d_in, d_out, threads): y = x w^T, w bf16"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -165,6 +255,10 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_quant", "Int8 decod
 
 PyMODINIT_FUNC PyInit__quant(void) {
     dot4_int8 = best_dot4(&dot_name);
+    bf16_dot4 = bf16_dot4_plain;
+#ifdef X86
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) bf16_dot4 = bf16_dot4_avx2;
+#endif
     PyObject *m = PyModule_Create(&module);
     if (m && PyModule_AddStringConstant(m, "PATH", dot_name) < 0) {
         Py_DECREF(m);

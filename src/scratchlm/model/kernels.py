@@ -250,3 +250,14 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
         return y
     qx, sx = quantize_int8(x)
     return (qx.to(torch.int32) @ q.to(torch.int32).T).float() * sx[:, None] * scale
+
+
+def bf16_linear(x: Tensor, w: Tensor) -> Tensor:
+    """x (rows, d_in) float32 times w^T, w (d_out, d_in) bfloat16, summed in float32 -> (rows, d_out):
+    `_quant.c` where it is built, else PyTorch on the weights widened to float32."""
+    if HAVE_C_INT8 and _float32_cpu_contiguous(x) and w.is_contiguous():
+        y = torch.empty(x.shape[0], w.shape[0])
+        _quant.bf16_linear(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], w.shape[0],
+                           torch.get_num_threads())  # fmt: skip
+        return y
+    return x @ w.float().T

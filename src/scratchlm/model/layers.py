@@ -113,7 +113,8 @@ class DecodeWeight:
     (benchmarks/generate_decode.py has the end-to-end figures).
 
     kind "int8" (`set_decode_weights`): W as int8 per output channel and x quantised per row, the
-    product in `kernels.int8_linear`: a quarter of the bytes to stream.
+    product in `kernels.int8_linear`: a quarter of the bytes to stream; kind "bfloat16": W rounded to
+    bf16, x and the sums float32 (`kernels.bf16_linear`): half the bytes.
     """
 
     def __init__(self, weights: tuple[Tensor, ...], x: Tensor, kind: str = "float32") -> None:
@@ -124,6 +125,8 @@ class DecodeWeight:
         self.kind = "transposed"
         if kind == "int8":
             self.kind, (self.q, self.scale) = "int8", kernels.quantize_int8(w)
+        elif kind == "bfloat16":
+            self.kind, self.packed = "bfloat16", w.to(torch.bfloat16).contiguous()
         elif rows == 1 and threads > 1 and d_out % threads == 0:
             self.kind, self.packed = "split", w.reshape(threads, d_out // threads, d_in).mT.contiguous()
         elif rows > 1 and w.dtype == torch.float32 and _onednn_linear_available():
@@ -144,6 +147,9 @@ class DecodeWeight:
         if self.kind == "int8":
             out = kernels.int8_linear(x.reshape(-1, x.shape[-1]).float().contiguous(), self.q, self.scale)
             return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+        if self.kind == "bfloat16":
+            out = kernels.bf16_linear(x.reshape(-1, x.shape[-1]).float().contiguous(), self.packed)
+            return out.to(x.dtype).reshape(*x.shape[:-1], -1)
         if self.kind == "split":  # (threads, 1, d_in) @ (threads, d_in, d_out / threads): one slab per thread
             slabs = self.packed
             return torch.bmm(x.reshape(1, 1, -1).expand(slabs.shape[0], 1, -1), slabs).reshape(*x.shape[:-1], -1)
@@ -153,12 +159,12 @@ class DecodeWeight:
         return x @ self.packed
 
 
-DECODE_WEIGHTS = ("float32", "int8")
+DECODE_WEIGHTS = ("float32", "bfloat16", "int8")
 
 
 def set_decode_weights(model: nn.Module, kind: str) -> None:
-    """How `model`'s decoding steps on CPU multiply by their weights: "float32" (as trained) or "int8"
-    (per output channel, activations quantised per row; see DecodeWeight). Training, prompts and
+    """How `model`'s decoding steps on CPU multiply by their weights: "float32" (as trained), "bfloat16"
+    or "int8" (per output channel, activations quantised per row; see DecodeWeight). Training, prompts and
     evaluation are untouched: only steps of one new position per sequence use it."""
     if kind not in DECODE_WEIGHTS:
         raise ValueError(f"decode weights: expected one of {', '.join(DECODE_WEIGHTS)}, got {kind!r}")
