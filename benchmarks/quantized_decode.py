@@ -113,8 +113,9 @@ def main() -> None:
     if (args.run / "config.toml").is_file():
         fp32, bf16, int8 = bits_per_byte(args.run, args.eval_tokens)
         print(f"\n{args.run}: {args.eval_tokens} validation tokens decoded one a step")
-        print(table(["weights", "bits/byte", "vs float32"], [["float32", f"{fp32:.4f}", ""]] + [
-            [kind, f"{bpb:.4f}", f"{bpb / fp32 - 1:+.2%}"] for kind, bpb in (("bfloat16", bf16), ("int8", int8))]))  # fmt: skip
+        rows = [["float32", f"{fp32:.4f}", ""]]
+        rows += [[kind, f"{bpb:.4f}", f"{bpb / fp32 - 1:+.2%}"] for kind, bpb in (("bfloat16", bf16), ("int8", int8))]
+        print(table(["weights", "bits/byte", "vs float32"], rows))
     else:
         print(f"\n(no run at {args.run}: bits per byte skipped; give --run)")
 
