@@ -42,6 +42,12 @@ def test_prepare_train_eval_generate_export(tmp_path):
     gen8 = scratchlm("generate", "--run", "run", "--prompt", "the king", "--max-new-tokens", "8", "--weights", "int8",
                      cwd=tmp_path)  # fmt: skip
     assert gen8.stdout.startswith("the king") and "| int8 |" in gen8.stderr
+    plain = scratchlm("generate", "--run", "run", "--prompt", "the king", "--max-new-tokens", "12",
+                      "--temperature", "0", cwd=tmp_path)  # fmt: skip
+    for draft in ("ngram", "run"):  # the run drafting for itself
+        spec = scratchlm("generate", "--run", "run", "--prompt", "the king", "--max-new-tokens", "12",
+                         "--temperature", "0", "--draft", draft, cwd=tmp_path)  # fmt: skip
+        assert spec.stdout == plain.stdout and "drafts accepted" in spec.stderr
 
     pytest.importorskip("transformers")
     scratchlm("export", "--run", "run", "--out", "hf", cwd=tmp_path)

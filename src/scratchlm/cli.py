@@ -195,6 +195,29 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
 
 
+def _generate_speculative(args: argparse.Namespace, model, tokenizer, sampling, step: int) -> None:
+    from scratchlm.infer import load_run
+    from scratchlm.infer.speculative import ModelDrafter, NgramDrafter, speculative_generate
+
+    if len(args.prompt) != 1:
+        raise ScratchLMError(f"--draft decodes one prompt at a time; got {len(args.prompt)} prompts")
+    if args.draft == "ngram":
+        drafter = NgramDrafter()
+    else:
+        draft_model, draft_tokenizer, _, _ = load_run(args.draft, args.device)
+        if draft_tokenizer.vocab != tokenizer.vocab:
+            raise ScratchLMError(f"--draft {args.draft}: its tokenizer differs from {args.run}'s (they must share one)")
+        drafter = ModelDrafter(draft_model, tokenizer)
+    result, stats = speculative_generate(model, tokenizer, args.prompt[0], drafter, sampling, args.draft_tokens)
+    print(args.prompt[0] + result.text)
+    print(
+        f"[step {step} | {args.weights} | speculative ({args.draft}, k={args.draft_tokens}): {stats.tokens} tokens at "
+        f"{stats.tokens_per_s:,.1f} tok/s in {stats.target_passes} target passes, "
+        f"{stats.acceptance_rate:.0%} of {stats.drafted} drafts accepted | stopped: {result.stop_reason}]",
+        file=sys.stderr,
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     import_torch()
     from scratchlm.infer import Sampling, generate, load_run
@@ -206,6 +229,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
         set_decode_weights(model, args.weights)
     prompts = args.prompt
+    if args.draft:
+        _generate_speculative(args, model, tokenizer, sampling, step)
+        return
     stream = len(prompts) == 1
     if stream:
         print(prompts[0], end="", flush=True)
@@ -534,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="override the run's device (e.g. cpu)")
     gen.add_argument("--weights", choices=["float32", "bfloat16", "int8"], default="float32",
                      help="CPU decoding steps with bf16 (2x fewer bytes) or int8 weights per channel (4x)")  # fmt: skip
+    gen.add_argument("--draft", default=None,
+                     help="speculative decoding: 'ngram' (prompt lookup) or a smaller run, same tokenizer")  # fmt: skip
+    gen.add_argument("--draft-tokens", type=number(int, 1), default=4, help="tokens drafted per round (default 4)")
     gen.set_defaults(func=cmd_generate)
 
     exp = stages.add_parser("export", help="export a run to the Hugging Face format (LlamaForCausalLM) or GGUF")

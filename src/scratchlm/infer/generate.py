@@ -76,6 +76,14 @@ def sample_next(logits: Tensor, sampling: Sampling, generator: torch.Generator |
     """logits: (batch, vocab) -> next token ids (batch,)"""
     if sampling.temperature <= 0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(probabilities(logits, sampling), 1, generator=generator).squeeze(-1)
+
+
+def probabilities(logits: Tensor, sampling: Sampling) -> Tensor:
+    """logits: (batch, vocab) -> the distribution `sample_next` draws from (batch, vocab): temperature,
+    then top-k, then top-p; greedy (temperature 0) is a point mass on the argmax."""
+    if sampling.temperature <= 0:
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     logits = logits.float() / sampling.temperature
     if sampling.top_k > 0:
         kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -87,8 +95,7 @@ def sample_next(logits: Tensor, sampling: Sampling, generator: torch.Generator |
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= sampling.top_p
         drop_sorted[:, 0] = False  # the most likely token always stays (top_p 0: greedy)
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(dim=-1)
 
 
 @torch.no_grad()
