@@ -1,0 +1,75 @@
+"""Speculative decoding against plain greedy decoding of the same run, batch 1: tokens/s, acceptance
+rate, and whether the output is identical (it must be).
+
+    python benchmarks/speculative_decode.py [--run RUN] [--draft RUN] [--tokens 200] [--k 4]
+
+Drafters: prompt lookup (n-gram, no model), and `--draft` (a smaller run with the same tokenizer) when
+given. Prompts: the first lines of the run's validation text (its tokens decoded), so the n-gram
+drafter has only what a real prompt offers. Median of 3 alternating rounds. Target (issue 15): >= 1.8x
+greedy tokens/s with identical output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, table
+
+DEFAULT_RUN = Path("runs/curation-quality/curated/run")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run", type=Path, default=DEFAULT_RUN)
+    parser.add_argument("--draft", type=Path, default=None)
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--prompt-tokens", type=int, default=48)
+    args = parser.parse_args()
+    from scratchlm.infer import Sampling, generate, load_run
+    from scratchlm.infer.speculative import ModelDrafter, NgramDrafter, speculative_generate
+
+    model, tokenizer, config, _ = load_run(args.run, "cpu")
+    val = np.memmap(config.data.val_tokens, dtype=np.uint16, mode="r")
+    prompts = [tokenizer.decode([int(t) for t in val[i : i + args.prompt_tokens]]) for i in (0, 5000, 20000)]
+    tokens = min(args.tokens, model.config.context_length - args.prompt_tokens - 8)
+    greedy = Sampling(temperature=0, max_new_tokens=tokens)
+    drafters = {"n-gram (prompt lookup)": NgramDrafter}
+    if args.draft:
+        draft_model = load_run(args.draft, "cpu")[0]
+        drafters[f"draft model {args.draft.name}"] = lambda: ModelDrafter(draft_model, tokenizer)
+    times: dict[str, list[float]] = {"greedy": [], **{name: [] for name in drafters}}
+    accepted: dict[str, list[float]] = {name: [] for name in drafters}
+    same = {name: True for name in drafters}
+    for _ in range(3):
+        for prompt in prompts:
+            start = time.perf_counter()
+            [alone], _ = generate(model, tokenizer, [prompt], greedy)
+            times["greedy"].append(time.perf_counter() - start)
+            for name, make in drafters.items():
+                start = time.perf_counter()
+                result, stats = speculative_generate(model, tokenizer, prompt, make(), greedy, args.k)
+                times[name].append(time.perf_counter() - start)
+                accepted[name].append(stats.acceptance_rate)
+                same[name] &= result.token_ids == alone.token_ids
+    base = statistics.median(times["greedy"])
+    n = len(alone.token_ids) or tokens
+    rows = [["greedy (target alone)", f"{n / base:,.1f}", "", "1.00x", ""]]
+    for name in drafters:
+        t = statistics.median(times[name])
+        rows.append([name, f"{n / t:,.1f}", f"{statistics.mean(accepted[name]):.0%}", f"{base / t:.2f}x",
+                     "yes" if same[name] else "NO"])  # fmt: skip
+    print(f"machine: {machine()}; {args.run} ({model.num_parameters() / 1e6:.1f}M parameters), k = {args.k}, "
+          f"{tokens} new tokens after {args.prompt_tokens}-token prompts, 3 prompts x 3 rounds")  # fmt: skip
+    print(table(["decoding", "tok/s", "drafts accepted", "vs greedy", "identical output"], rows))
+
+
+if __name__ == "__main__":
+    main()
