@@ -1,0 +1,118 @@
+"""A paged KV cache: one pool of fixed-size blocks per layer, a block table per sequence, reference
+counts, a free list, and prefix caching by hashing full blocks.
+
+A block holds `block_size` consecutive positions of one sequence (keys and values of every layer). A
+full block is identified by the hash of its tokens chained with the previous block's hash, so two
+sequences with the same first n * block_size tokens share those n blocks (their keys and values are
+the same: same tokens at the same positions). Shared blocks are full and never written again, so no
+copy-on-write is needed; a sequence writes only into its own last, partial block.
+
+Freed blocks keep their hash and stay findable until they are handed out again (least recently freed
+first), so a system prompt survives between requests.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+
+
+class OutOfBlocks(Exception):
+    """The pool has no free block left."""
+
+
+class BlockPool:
+    """Block ids 0..num_blocks-1 with reference counts; k[layer], v[layer]: (num_blocks * block_size,
+    n_kv_heads, d_head), position p of a block b at row b * block_size + p."""
+
+    def __init__(self, num_blocks: int, block_size: int, n_layers: int, n_kv_heads: int, d_head: int, dtype, device):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one position, got {num_blocks} x {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (num_blocks * block_size, n_kv_heads, d_head)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.refs = [0] * num_blocks
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.hash_of: dict[int, int] = {}  # block -> hash of its full contents
+        self.by_hash: dict[int, int] = {}  # hash -> block
+        self.prefix_hits = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def allocate(self) -> int:
+        if not self.free:
+            raise OutOfBlocks
+        block, _ = self.free.popitem(last=False)  # the least recently freed
+        old = self.hash_of.pop(block, None)
+        if old is not None:
+            del self.by_hash[old]
+        self.refs[block] = 1
+        return block
+
+    def release(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self.refs[block] -= 1
+            if self.refs[block] < 0:
+                raise RuntimeError(f"block {block} released more often than taken")
+            if self.refs[block] == 0:
+                self.free[block] = None
+
+    def lookup(self, block_hash: int) -> int | None:
+        """The block holding these full contents, taken (reference count + 1), or None."""
+        block = self.by_hash.get(block_hash)
+        if block is None:
+            return None
+        if self.refs[block] == 0:
+            del self.free[block]
+        self.refs[block] += 1
+        self.prefix_hits += 1
+        return block
+
+    def register(self, block: int, block_hash: int) -> None:
+        """Record that `block` is full with these contents (the first block with them is the one kept)."""
+        if block_hash not in self.by_hash and block not in self.hash_of:
+            self.by_hash[block_hash], self.hash_of[block] = block, block_hash
+
+    def slots(self, table: list[int], start: int, end: int) -> Tensor:
+        """Pool rows of positions start..end-1 of a sequence with this block table."""
+        positions = torch.arange(start, end)
+        blocks = torch.tensor(table, dtype=torch.long)[positions // self.block_size]
+        return blocks * self.block_size + positions % self.block_size
+
+
+def block_hashes(tokens: list[int], block_size: int) -> list[int]:
+    """The chained hash of each full block of `tokens`."""
+    out, previous = [], 0
+    for i in range(len(tokens) // block_size):
+        previous = hash((previous, tuple(tokens[i * block_size : (i + 1) * block_size])))
+        out.append(previous)
+    return out
+
+
+class PagedLayerCache:
+    """What one layer's attention sees for one forward pass: `append(k, v)` writes the new positions of
+    every sequence in the batch into its blocks and returns all keys and values so far, left-padded to
+    the longest sequence (the padding masked by the pass's key_mask), in the `KVCache` interface.
+
+    rows_new: (b, n_new) pool rows of the new positions; rows_all: (b, n_keys) pool rows of every key
+    (padding points at row 0)."""
+
+    def __init__(self, pool: BlockPool, layer: int, rows_new: Tensor, rows_all: Tensor) -> None:
+        self.pool, self.layer, self.rows_new, self.rows_all = pool, layer, rows_new, rows_all
+
+    @property
+    def length(self) -> int:
+        """Positions cached before this pass (of the longest sequence)."""
+        return self.rows_all.shape[1] - self.rows_new.shape[1]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v: (b, n_kv_heads, n_new, d_head) -> all keys and values (b, n_kv_heads, n_keys, d_head)."""
+        pk, pv = self.pool.k[self.layer], self.pool.v[self.layer]
+        pk[self.rows_new.flatten()] = k.transpose(1, 2).reshape(-1, *k.shape[1:2], k.shape[-1])
+        pv[self.rows_new.flatten()] = v.transpose(1, 2).reshape(-1, *v.shape[1:2], v.shape[-1])
+        return pk[self.rows_all].transpose(1, 2), pv[self.rows_all].transpose(1, 2)
