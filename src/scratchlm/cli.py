@@ -445,6 +445,28 @@ def cmd_curate_quality(args: argparse.Namespace) -> None:
         print(f"  skipped {e}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import_torch()
+    from scratchlm.infer import load_run
+    from scratchlm.serve.engine import Engine
+    from scratchlm.serve.server import create_app
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise ScratchLMError('scratchlm serve needs starlette and uvicorn: pip install "scratchlm[serve]"') from None
+    model, tokenizer, _, step = load_run(args.run, "cpu")
+    if args.weights != "float32":
+        from scratchlm.model.layers import set_decode_weights
+
+        set_decode_weights(model, args.weights)
+    engine = Engine(model, tokenizer, args.num_blocks, args.block_size, args.max_batch, args.token_budget)
+    name = Path(args.run).name
+    print(f"serving {args.run} (step {step}) as {name!r} on http://{args.host}:{args.port}/ "
+          f"(chat page at /, OpenAI API at /v1); Ctrl-C stops")  # fmt: skip
+    uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="warning")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     import_torch()
     from scratchlm.infer import load_run
@@ -564,6 +586,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="speculative decoding: 'ngram' (prompt lookup) or a smaller run, same tokenizer")  # fmt: skip
     gen.add_argument("--draft-tokens", type=number(int, 1), default=4, help="tokens drafted per round (default 4)")
     gen.set_defaults(func=cmd_generate)
+
+    srv = stages.add_parser("serve", help="an OpenAI-compatible server (continuous batching) with a chat page")
+    srv.add_argument("--run", required=True, help="run directory")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=number(int, 1), default=8000)
+    srv.add_argument("--num-blocks", type=number(int, 1), default=1024, help="KV cache blocks (default 1024)")
+    srv.add_argument("--block-size", type=number(int, 1), default=16, help="positions per block (default 16)")
+    srv.add_argument("--max-batch", type=number(int, 1), default=64, help="sequences decoded together (default 64)")
+    srv.add_argument("--token-budget", type=number(int, 1), default=512, help="tokens fed per step (default 512)")
+    srv.add_argument("--weights", choices=["float32", "bfloat16", "int8"], default="float32")
+    srv.set_defaults(func=cmd_serve)
 
     exp = stages.add_parser("export", help="export a run to the Hugging Face format (LlamaForCausalLM) or GGUF")
     exp.add_argument("--run", required=True, help="run directory")

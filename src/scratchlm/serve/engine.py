@@ -106,8 +106,8 @@ class Engine:
 
     def cancel(self, request_id: int) -> None:
         """Stop a request now and free its blocks (a client that went away)."""
-        request = self.requests[request_id]
-        if not request.finished:
+        request = self.requests.get(request_id)
+        if request is not None and not request.finished:
             request.result.stop_reason = "cancelled"
             self._retire(request)
 
