@@ -143,3 +143,17 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server):
     while time.time() < deadline and (server.engine.pool.num_free < 64 or server.engine.has_work()):
         time.sleep(0.05)
     assert server.engine.pool.num_free == 64 and not server.engine.has_work()
+
+
+def test_bench_serve_loads_the_server_with_poisson_arrivals(server, capsys):
+    from scratchlm.cli import main
+    from scratchlm.serve.load import run_load
+
+    summary = run_load(f"http://127.0.0.1:{server.port}", ["the king", "abc"], rate=50, requests=8, max_tokens=6,
+                       duration=30)  # fmt: skip
+    assert summary["completed"] == 8 and not summary["errors"] and summary["output_tokens_per_s"] > 0
+    assert 0 < summary["ttft_ms"]["p50"] <= summary["ttft_ms"]["p99"] <= summary["e2e_ms"]["p99"]
+    assert main(["bench", "serve", "--url", f"http://127.0.0.1:{server.port}", "--requests", "3", "--max-tokens", "4",
+                 "--rate", "20"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.startswith("3/3 requests in") and "TTFT" in out and "E2E" in out

@@ -277,9 +277,24 @@ def cmd_account(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=1) if args.json else format_account(report))
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    import json
+
+    from scratchlm.serve.load import format_summary, run_load
+
+    prompts = [line for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()] if (
+        args.prompts) else ["The history of", "Once upon a time", "In the beginning", "The best way to"]  # fmt: skip
+    if not prompts:
+        raise ScratchLMError(f"--prompts {args.prompts}: no non-empty lines")
+    summary = run_load(args.url, prompts, args.rate, args.requests, args.max_tokens, args.duration, args.seed)
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     import json
 
+    if args.what == "serve":
+        return cmd_bench_serve(args)
     from scratchlm.bench.sizes import CPU_DEFAULTS, GPU_DEFAULTS
 
     if args.config and args.size:
@@ -608,7 +623,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     from scratchlm.bench.sizes import DTYPE_NAMES, MODES, SIZES
 
-    be = stages.add_parser("bench", help="time, profile and measure the memory of training steps (a size or a config)")
+    be = stages.add_parser("bench", help="time, profile and measure the memory of training steps (a size or a config); "
+                           "`bench serve`: load a running server")  # fmt: skip
+    be.add_argument("what", nargs="?", choices=["steps", "serve"], default="steps",
+                    help="steps (default): training steps; serve: Poisson load on an OpenAI server")  # fmt: skip
+    load = be.add_argument_group("bench serve")
+    load.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
+    load.add_argument("--rate", type=number(float, 0.001), default=2.0, help="requests per second (Poisson)")
+    load.add_argument("--requests", type=number(int, 1), default=32, help="requests in all (default 32)")
+    load.add_argument("--max-tokens", type=number(int, 1), default=64, help="tokens per request (default 64)")
+    load.add_argument("--duration", type=number(float, 1), default=120.0, help="stop sending after this (s)")
+    load.add_argument("--prompts", default=None, help="a text file, one prompt per line")
+    load.add_argument("--seed", type=number(int, 0), default=0)
     sizes_help = "a named size, repeatable (default: cpu-tiny, cpu-small; on CUDA small, medium, large)"
     be.add_argument("--size", action="append", choices=list(SIZES), help=sizes_help)
     be.add_argument("--config", help="a TOML training config instead of a size")
