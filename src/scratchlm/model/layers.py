@@ -120,7 +120,7 @@ class DecodeWeight:
     def __init__(self, weights: tuple[Tensor, ...], x: Tensor, kind: str = "float32") -> None:
         self.key = self._key(weights, x, kind)
         w = torch.cat(weights).detach() if len(weights) > 1 else weights[0].detach()
-        rows, threads = self.key[-3:-1]
+        rows, threads = x.numel() // x.shape[-1], self.key[-2]
         d_out, d_in = w.shape
         self.kind = "transposed"
         if kind == "int8":
@@ -137,7 +137,9 @@ class DecodeWeight:
     @staticmethod
     def _key(weights: tuple[Tensor, ...], x: Tensor, kind: str) -> tuple:
         versions = tuple((w._version, w.data_ptr(), w.dtype) for w in weights)
-        return (*versions, x.numel() // x.shape[-1], torch.get_num_threads(), kind)
+        # one row or several: oneDNN's packed weight serves any row count (packed for the first seen), so a
+        # batch that changes size every step (continuous batching) does not re-pack the weights
+        return (*versions, min(x.numel() // x.shape[-1], 2), torch.get_num_threads(), kind)
 
     def matches(self, weights: tuple[Tensor, ...], x: Tensor, kind: str = "float32") -> bool:
         return self._key(weights, x, kind) == self.key

@@ -95,24 +95,26 @@ def block_hashes(tokens: list[int], block_size: int) -> list[int]:
 
 
 class PagedLayerCache:
-    """What one layer's attention sees for one forward pass: `append(k, v)` writes the new positions of
-    every sequence in the batch into its blocks and returns all keys and values so far, left-padded to
-    the longest sequence (the padding masked by the pass's key_mask), in the `KVCache` interface.
+    """What one layer's attention sees for one forward pass, in the `KVCache` interface: `append(k, v)`
+    writes the new positions of every sequence into its blocks and returns, per sequence, its cached
+    keys and values (whole blocks gathered by its block table, cut at the longest cached length) followed
+    by the new ones. A sequence cached for fewer positions than the longest has a gap before its new
+    positions, which the pass's key_mask hides.
 
-    rows_new: (b, n_new) pool rows of the new positions; rows_all: (b, n_keys) pool rows of every key
-    (padding points at row 0)."""
+    rows_new: (b, n_new) pool rows of the new positions; tables: (b, blocks) block ids (padded with 0);
+    cached: positions cached before this pass, of the longest sequence."""
 
-    def __init__(self, pool: BlockPool, layer: int, rows_new: Tensor, rows_all: Tensor) -> None:
-        self.pool, self.layer, self.rows_new, self.rows_all = pool, layer, rows_new, rows_all
-
-    @property
-    def length(self) -> int:
-        """Positions cached before this pass (of the longest sequence)."""
-        return self.rows_all.shape[1] - self.rows_new.shape[1]
+    def __init__(self, pool: BlockPool, layer: int, rows_new: Tensor, tables: Tensor, cached: int) -> None:
+        self.pool, self.layer, self.rows_new, self.tables, self.length = pool, layer, rows_new, tables, cached
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """k, v: (b, n_kv_heads, n_new, d_head) -> all keys and values (b, n_kv_heads, n_keys, d_head)."""
-        pk, pv = self.pool.k[self.layer], self.pool.v[self.layer]
-        pk[self.rows_new.flatten()] = k.transpose(1, 2).reshape(-1, *k.shape[1:2], k.shape[-1])
-        pv[self.rows_new.flatten()] = v.transpose(1, 2).reshape(-1, *v.shape[1:2], v.shape[-1])
-        return pk[self.rows_all].transpose(1, 2), pv[self.rows_all].transpose(1, 2)
+        """k, v: (b, n_kv_heads, n_new, d_head) -> keys and values (b, n_kv_heads, cached + n_new, d_head)."""
+        out = []
+        for new, pooled in ((k, self.pool.k[self.layer]), (v, self.pool.v[self.layer])):
+            b, heads, _, d = new.shape
+            rows = new.transpose(1, 2)  # (b, n_new, heads, d)
+            pooled[self.rows_new.flatten()] = rows.reshape(-1, heads, d)
+            blocks = pooled.view(self.pool.num_blocks, self.pool.block_size, heads, d)[self.tables]
+            old = blocks.reshape(b, -1, heads, d)[:, : self.length]
+            out.append(torch.cat((old, rows), dim=1).transpose(1, 2))
+        return out[0], out[1]

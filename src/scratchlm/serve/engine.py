@@ -194,18 +194,18 @@ class Engine:
     def _forward(self, batch: list[Request], n_new: int) -> Tensor:
         """Feed `n_new` tokens of each sequence from its `computed` position; the last position's logits (b, V)."""
         bs = self.pool.block_size
-        lengths = [r.computed + n_new for r in batch]
-        longest = max(lengths)
+        cached = max(r.computed for r in batch)
         rows_new = torch.stack([self.pool.slots(r.table, r.computed, r.computed + n_new) for r in batch])
-        rows_all = torch.zeros(len(batch), longest, dtype=torch.long)
-        key_mask = torch.zeros(len(batch), longest, dtype=torch.bool)
-        for i, (r, length) in enumerate(zip(batch, lengths, strict=True)):
-            rows_all[i, longest - length :] = self.pool.slots(r.table, 0, length)  # left-padded
-            key_mask[i, longest - length :] = True
+        tables = torch.zeros(len(batch), max(-(-cached // bs), 1), dtype=torch.long)
+        key_mask = torch.ones(len(batch), cached + n_new, dtype=torch.bool)
+        for i, r in enumerate(batch):
+            used = -(-r.computed // bs)
+            tables[i, :used] = torch.tensor(r.table[:used], dtype=torch.long)
+            key_mask[i, r.computed : cached] = False  # the gap before this sequence's new positions
         ids = torch.tensor([r.tokens[r.computed : r.computed + n_new] for r in batch], device=self.device)
         positions = torch.tensor([list(range(r.computed, r.computed + n_new)) for r in batch], device=self.device)
-        caches = [PagedLayerCache(self.pool, i, rows_new, rows_all) for i in range(self.model.config.n_layers)]
-        padded = any(length != longest for length in lengths)
+        caches = [PagedLayerCache(self.pool, i, rows_new, tables, cached) for i in range(self.model.config.n_layers)]
+        padded = any(r.computed != cached for r in batch)
         logits = self.model(ids, positions, caches, key_mask.to(self.device) if padded else None)[:, -1]
         for r in batch:
             start = r.computed
