@@ -114,14 +114,9 @@ def generate(
     device = model.lm_head.weight.device
     context = model.config.context_length
     encoded = [tokenizer.encode(p) for p in prompts]
-    if any(not ids for ids in encoded):
-        raise ScratchLMError("every prompt needs at least one token (an empty prompt gives the model nothing)")
+    for ids in encoded:
+        check_fits(ids, sampling.max_new_tokens, context)
     longest = max(map(len, encoded))
-    if longest + sampling.max_new_tokens > context:
-        raise ScratchLMError(
-            f"prompt of {longest} tokens + max_new_tokens {sampling.max_new_tokens} exceeds the context length "
-            f"{context}: shorten the prompt or ask for at most {max(context - longest, 0)} new tokens"
-        )
     batch = len(prompts)
     pads = torch.tensor([longest - len(ids) for ids in encoded], device=device)
     ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
@@ -170,6 +165,17 @@ def generate(
         )
     stats = GenerationStats(batch * longest, prefill_seconds, batch * decoded, time.perf_counter() - start)
     return results, stats
+
+
+def check_fits(prompt_ids: list[int], max_new_tokens: int, context: int) -> None:
+    """A prompt must have a token, and it and max_new_tokens must fit in the context (no silent cut)."""
+    if not prompt_ids:
+        raise ScratchLMError("every prompt needs at least one token (an empty prompt gives the model nothing)")
+    if len(prompt_ids) + max_new_tokens > context:
+        raise ScratchLMError(
+            f"prompt of {len(prompt_ids)} tokens + max_new_tokens {max_new_tokens} exceeds the context length "
+            f"{context}: shorten the prompt or ask for at most {max(context - len(prompt_ids), 0)} new tokens"
+        )
 
 
 def _emit(result: Generation, decoder, token: int, eot_id, tokenizer, stop, index: int, on_text) -> bool:

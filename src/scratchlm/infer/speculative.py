@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.infer.generate import EOT, Generation, Sampling, _emit, probabilities
+from scratchlm.infer.generate import EOT, Generation, Sampling, _emit, check_fits, probabilities
 
 
 @dataclass
@@ -148,13 +148,7 @@ def speculative_generate(
     device = model.lm_head.weight.device
     tokens = tokenizer.encode(prompt)
     context = model.config.context_length
-    if not tokens:
-        raise ScratchLMError("every prompt needs at least one token (an empty prompt gives the model nothing)")
-    if len(tokens) + sampling.max_new_tokens > context:
-        raise ScratchLMError(
-            f"prompt of {len(tokens)} tokens + max_new_tokens {sampling.max_new_tokens} exceeds the context length "
-            f"{context}: shorten the prompt or ask for at most {max(context - len(tokens), 0)} new tokens"
-        )
+    check_fits(tokens, sampling.max_new_tokens, context)
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     greedy = sampling.temperature <= 0
     valid = max(tokenizer.vocab) + 1

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.infer.generate import EOT, Generation, Sampling, _emit, sample_next
+from scratchlm.infer.generate import EOT, Generation, Sampling, _emit, check_fits, sample_next
 from scratchlm.serve.blocks import BlockPool, OutOfBlocks, PagedLayerCache, block_hashes
 
 
@@ -84,14 +84,7 @@ class Engine:
     def add_request(self, prompt: str, sampling: Sampling | None = None) -> int:
         sampling = sampling or Sampling()
         ids = self.tokenizer.encode(prompt)
-        context = self.model.config.context_length
-        if not ids:
-            raise ScratchLMError("every prompt needs at least one token (an empty prompt gives the model nothing)")
-        if len(ids) + sampling.max_new_tokens > context:
-            raise ScratchLMError(
-                f"prompt of {len(ids)} tokens + max_new_tokens {sampling.max_new_tokens} exceeds the context length "
-                f"{context}: shorten the prompt or ask for at most {max(context - len(ids), 0)} new tokens"
-            )
+        check_fits(ids, sampling.max_new_tokens, self.model.config.context_length)
         needed = -(-(len(ids) + sampling.max_new_tokens) // self.pool.block_size)
         if needed > self.pool.num_blocks:
             raise ScratchLMError(f"the request needs {needed} KV blocks, the pool has {self.pool.num_blocks}")
