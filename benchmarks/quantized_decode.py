@@ -4,9 +4,9 @@ of a trained run decoded both ways.
 
     python benchmarks/quantized_decode.py [--run RUN] [--eval-tokens 4096]
 
-Speed: a random-weight model of 390 MB of float32 weights streamed per token (d_model 768, 12 layers,
-d_ff 2048, vocab 16384), greedy, 64 new tokens after a 16-token prompt, median of 3 alternating
-rounds. MBU = bytes of weights read per token x tokens/s / the bandwidth of a large `copy_` (read +
+Speed: random-weight models of 390 MB (d_model 768, 12 layers, d_ff 2048) and 1.37 GB (d_model 2048, 6
+layers, d_ff 5632) of float32 weights streamed per token, vocab 16384, greedy, 64 new tokens after a
+16-token prompt, median of 3 alternating rounds. MBU = bytes of weights read per token x tokens/s / the bandwidth of a large `copy_` (read +
 write). Quality: `--run` (default: the curated run of benchmarks/curation_quality.py when present)
 decodes its validation tokens one position a step with the KV cache, float32 then int8; bits per byte
 over the same tokens (bfloat16 too). Targets (issue 15): int8 >= 2x float32 tokens/s; bits per byte
@@ -44,13 +44,21 @@ def bandwidth() -> float:
     return 2 * a.numel() * 4 / best
 
 
-def decode_speed(rows: list) -> None:
+SHAPES = {  # name: (d_model, n_layers, n_heads, d_ff); vocab 16384 for both
+    "d768": (768, 12, 12, 2048),  # 390 MB of float32 weights streamed per token, 12 layers
+    "d2048": (2048, 6, 16, 5632),  # 1.37 GB in 6 layers: per-layer Python overhead weighs less
+}
+
+
+def decode_speed(rows: list, shape: str) -> None:
     from scratchlm.infer.generate import Sampling, generate
     from scratchlm.model import ModelConfig, TransformerLM
     from scratchlm.model.layers import set_decode_weights
 
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=16384, context_length=256, d_model=768, n_layers=12, n_heads=12, d_ff=2048)
+    d_model, n_layers, n_heads, d_ff = SHAPES[shape]
+    config = ModelConfig(vocab_size=16384, context_length=256, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                         d_ff=d_ff)  # fmt: skip
     model = TransformerLM(config).eval()
     streamed = sum(p.numel() for name, p in model.named_parameters() if "token_embeddings" not in name)
     prompt = torch.randint(0, config.vocab_size, (PROMPT_TOKENS,)).tolist()
@@ -67,7 +75,8 @@ def decode_speed(rows: list) -> None:
     for kind, per_byte in (("float32", 4), ("bfloat16", 2), ("int8", 1)):
         tps = 1 / statistics.median(times[kind])
         mbu = streamed * per_byte * tps / peak
-        rows.append([kind, f"{streamed * per_byte / 1e6:,.0f}", f"{tps:,.1f}", f"{mbu:.0%}", f"{tps / base:.2f}x"])
+        mb = streamed * per_byte / 1e6
+        rows.append([shape, kind, f"{mb:,.0f}", f"{tps:,.1f}", f"{mbu:.0%}", f"{tps / base:.2f}x"])
     print(f"bandwidth ({'copy_'} of 512 MB, read + write): {peak / 1e9:.1f} GB/s")
 
 
@@ -102,14 +111,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", type=Path, default=DEFAULT_RUN)
     parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--shapes", default="d768,d2048", help=f"comma-separated, of {', '.join(SHAPES)}")
     args = parser.parse_args()
     print(f"machine: {machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     from scratchlm.model import kernels
 
     print(f"int8 kernel: {kernels._quant.PATH if kernels.HAVE_C_INT8 else 'PyTorch (no C extension)'}")
     rows: list = []
-    decode_speed(rows)
-    print(table(["weights", "MB read / token", "tok/s (batch 1)", "MBU", "vs float32"], rows))
+    for shape in args.shapes.split(","):
+        decode_speed(rows, shape)
+    print(table(["model", "weights", "MB read / token", "tok/s (batch 1)", "MBU", "vs float32"], rows))
     if (args.run / "config.toml").is_file():
         fp32, bf16, int8 = bits_per_byte(args.run, args.eval_tokens)
         print(f"\n{args.run}: {args.eval_tokens} validation tokens decoded one a step")
