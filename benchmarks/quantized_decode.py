@@ -6,9 +6,10 @@ of a trained run decoded both ways.
 
 Speed: random-weight models of 390 MB (d_model 768, 12 layers, d_ff 2048) and 1.37 GB (d_model 2048, 6
 layers, d_ff 5632) of float32 weights streamed per token, vocab 16384, greedy, 64 new tokens after a
-16-token prompt, median of 3 alternating rounds. MBU = bytes of weights read per token x tokens/s / the bandwidth of a large `copy_` (read +
-write). Quality: `--run` (default: the curated run of benchmarks/curation_quality.py when present)
-decodes its validation tokens one position a step with the KV cache, float32 then int8; bits per byte
+16-token prompt, median of 3 alternating rounds. MBU = bytes of weights read per token x tokens/s / the
+bandwidth of a large `copy_` (read + write). Quality: `--run` (default: the curated run of
+benchmarks/curation_quality.py when present) decodes its validation tokens one position a step with the
+KV cache, float32 then int8; bits per byte
 over the same tokens (bfloat16 too). Targets (issue 15): int8 >= 2x float32 tokens/s; bits per byte
 within 1%.
 """
