@@ -423,6 +423,28 @@ def test_quality_classifier_separates_reference_text_from_crawl_noise(tmp_path):
 # --- readers and bad input
 
 
+def test_wet_conversion_records_are_read_as_text(tmp_path):
+    """Common Crawl's WET files: `conversion` records holding extracted text (written here by warcio)."""
+    from io import BytesIO
+
+    warcio = pytest.importorskip("warcio")
+    from scratchlm.curate.readers import read_input
+
+    path = tmp_path / "sample.warc.wet.gz"
+    texts = ["Ein Haus am See.\nZweite Zeile.", "The second page, in English."]
+    with path.open("wb") as f:
+        writer = warcio.warcwriter.WARCWriter(f, gzip=True)
+        for i, text in enumerate(texts):
+            payload = BytesIO(text.encode())
+            record = writer.create_warc_record(f"http://example.com/{i}", "conversion", payload=payload,
+                                               warc_content_type="text/plain")  # fmt: skip
+            writer.write_record(record)
+    errors = []
+    docs = list(read_input(path, lambda *e: errors.append(e)))
+    assert [d.text for d in docs] == texts and [d.url for d in docs] == ["http://example.com/0", "http://example.com/1"]
+    assert not errors
+
+
 def test_truncated_and_corrupt_warcs_are_reported_not_fatal(tmp_path, crawl_warc):
     from scratchlm.curate.readers import read_warc
 
