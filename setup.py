@@ -36,6 +36,13 @@ setup(
             )
             for name in ("_kernels", "_attention", "_quant")
         ),
+        Extension(
+            "scratchlm.serve._paged",
+            ["src/scratchlm/serve/_paged.c"],
+            depends=["src/scratchlm/model/_cpu.h"],
+            extra_compile_args=["-O3", "-fno-trapping-math", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+        ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},
 )

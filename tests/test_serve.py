@@ -110,3 +110,32 @@ def test_requests_that_cannot_fit_are_refused(model):
         engine.add_request("hello", Sampling(max_new_tokens=19))
     with pytest.raises(ScratchLMError, match="exceeds the context length 128"):
         engine.add_request("a" * 120, Sampling(max_new_tokens=20))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_paged_decode_attention_in_c_equals_the_gathered_attention(heads, kv_heads, monkeypatch):
+    from scratchlm.model.layers import CausalSelfAttention
+    from scratchlm.serve import blocks
+
+    if blocks._paged is None:
+        pytest.skip("the C extension _paged is not built")
+    torch.manual_seed(0)
+    pool = BlockPool(16, 4, 1, kv_heads, 8, torch.float32, "cpu")
+    for t in pool.k + pool.v:
+        t.normal_()
+    lengths = [7, 13, 1]  # cached positions before this step
+    tables = [[3, 9], [0, 5, 2, 11], [6]]
+    rows_new = torch.stack([pool.slots(t, n, n + 1) for t, n in zip(tables, lengths, strict=True)])
+    padded = torch.zeros(3, 4, dtype=torch.long)
+    for i, t in enumerate(tables):
+        padded[i, : len(t)] = torch.tensor(t)
+    after = torch.tensor([n + 1 for n in lengths])
+    q, k, v = torch.randn(3, heads, 1, 8), torch.randn(3, kv_heads, 1, 8), torch.randn(3, kv_heads, 1, 8)
+    key_mask = torch.ones(3, 14, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        key_mask[i, n:13] = False
+    attention = CausalSelfAttention(32, heads, kv_heads, fused=True)
+    ours = blocks.PagedLayerCache(pool, 0, rows_new, padded, 13, after).attend(q, k, v, key_mask, attention.attend)
+    monkeypatch.setattr(blocks, "_paged", None)
+    gathered = blocks.PagedLayerCache(pool, 0, rows_new, padded, 13, after).attend(q, k, v, key_mask, attention.attend)
+    torch.testing.assert_close(ours, gathered, rtol=1e-5, atol=1e-5)

@@ -351,6 +351,10 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, attend) -> Tensor:
+        """Store the new k, v, then `attend(q, all keys, all values, key_mask)`."""
+        return attend(q, *self.append(k, v), key_mask)
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with RoPE on queries and keys and optional grouped-query
@@ -413,9 +417,8 @@ class CausalSelfAttention(nn.Module):
             if positions.dim() == 2:
                 positions = positions[:, None, :]  # broadcast over heads
             q, k = self.rope(q, positions), self.rope(k, positions)
-        if cache is not None:
-            k, v = cache.append(k, v)
-        out = self.attend(q, k, v, key_mask)  # (b, h, s, d_head)
+        # (b, h, s, d_head); a cache decides how attention reads it (a paged one: through its block tables)
+        out = self.attend(q, k, v, key_mask) if cache is None else cache.attend(q, k, v, key_mask, self.attend)
         return self.output_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.d_head))
 
     def _attend_in_c(self, qkv: Tensor) -> Tensor | None:

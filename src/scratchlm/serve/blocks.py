@@ -13,10 +13,16 @@ first), so a system prompt survives between requests.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
 from torch import Tensor
+
+try:  # imported after torch: it shares its OpenMP threads (see model/_cpu.h)
+    from scratchlm.serve import _paged
+except ImportError:  # no compiler at install: decoding steps gather the blocks instead
+    _paged = None
 
 
 class OutOfBlocks(Exception):
@@ -102,10 +108,31 @@ class PagedLayerCache:
     positions, which the pass's key_mask hides.
 
     rows_new: (b, n_new) pool rows of the new positions; tables: (b, blocks) block ids (padded with 0);
-    cached: positions cached before this pass, of the longest sequence."""
+    cached: positions cached before this pass, of the longest sequence; lengths: (b,) keys of each
+    sequence after this pass.
 
-    def __init__(self, pool: BlockPool, layer: int, rows_new: Tensor, tables: Tensor, cached: int) -> None:
+    A decoding step (one new position per sequence, float32 on CPU) skips the gather: `attend` runs
+    `_paged.c`, which reads each sequence's keys and values where they lie in the pool."""
+
+    def __init__(self, pool: BlockPool, layer: int, rows_new: Tensor, tables: Tensor, cached: int, lengths: Tensor):
         self.pool, self.layer, self.rows_new, self.tables, self.length = pool, layer, rows_new, tables, cached
+        self.lengths = lengths
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, attend) -> Tensor:
+        """q: (b, heads, n_new, d_head); k, v: (b, kv_heads, n_new, d_head) -> (b, heads, n_new, d_head)."""
+        pk, pv = self.pool.k[self.layer], self.pool.v[self.layer]
+        if _paged is None or q.shape[2] != 1 or pk.dtype != torch.float32 or pk.device.type != "cpu":
+            return attend(q, *self.append(k, v), key_mask)
+        b, heads, _, d = q.shape
+        for new, pooled in ((k, pk), (v, pv)):
+            pooled[self.rows_new.flatten()] = new.transpose(1, 2).reshape(-1, new.shape[1], d)
+        q = q.reshape(b, heads, d).contiguous()
+        out = torch.empty_like(q)
+        _paged.decode_attention(q.data_ptr(), pk.data_ptr(), pv.data_ptr(), self.tables.data_ptr(),
+                                self.lengths.data_ptr(), out.data_ptr(), b, heads, k.shape[1], d,
+                                self.tables.shape[1], self.pool.block_size, int(self.lengths.max()),
+                                1 / math.sqrt(d), torch.get_num_threads())  # fmt: skip
+        return out.view(b, heads, 1, d)
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """k, v: (b, n_kv_heads, n_new, d_head) -> keys and values (b, n_kv_heads, cached + n_new, d_head)."""

@@ -189,15 +189,18 @@ class Engine:
         bs = self.pool.block_size
         cached = max(r.computed for r in batch)
         rows_new = torch.stack([self.pool.slots(r.table, r.computed, r.computed + n_new) for r in batch])
-        tables = torch.zeros(len(batch), max(-(-cached // bs), 1), dtype=torch.long)
+        tables = torch.zeros(len(batch), max(-(-(cached + n_new) // bs), 1), dtype=torch.long)
+        lengths = torch.tensor([r.computed + n_new for r in batch], dtype=torch.long)
         key_mask = torch.ones(len(batch), cached + n_new, dtype=torch.bool)
         for i, r in enumerate(batch):
-            used = -(-r.computed // bs)
+            used = -(-(r.computed + n_new) // bs)  # the blocks of the new positions too (the paged kernel reads them)
             tables[i, :used] = torch.tensor(r.table[:used], dtype=torch.long)
             key_mask[i, r.computed : cached] = False  # the gap before this sequence's new positions
         ids = torch.tensor([r.tokens[r.computed : r.computed + n_new] for r in batch], device=self.device)
         positions = torch.tensor([list(range(r.computed, r.computed + n_new)) for r in batch], device=self.device)
-        caches = [PagedLayerCache(self.pool, i, rows_new, tables, cached) for i in range(self.model.config.n_layers)]
+        caches = [
+            PagedLayerCache(self.pool, i, rows_new, tables, cached, lengths) for i in range(self.model.config.n_layers)
+        ]
         padded = any(r.computed != cached for r in batch)
         logits = self.model(ids, positions, caches, key_mask.to(self.device) if padded else None)[:, -1]
         for r in batch:
