@@ -126,6 +126,9 @@ class EngineLoop:
                             del self.engine.requests[request_id]
                         elif piece:
                             stream.put((piece, None))
+                # let the event loop run between steps (admit new requests, flush the streams): a thread
+                # that re-takes the GIL and the lock at once would send every token in one burst at the end
+                time.sleep(0.0002)
 
 
 def _number(body: dict, name: str, default, kind, low=None, high=None):
