@@ -212,3 +212,29 @@ def test_muon_is_its_written_out_definition_and_adamw_elsewhere():
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="matrices"):
         Muon([{"params": rest(a), "muon": True}])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_decoding_after_a_step_uses_the_updated_weights(fused):
+    """The decoding path caches weights by their version counter; an optimizer step must bump it (the
+    fused kernel does not by itself), or generation during training (RL rollouts) reads stale weights."""
+    from scratchlm.model.config import ModelConfig
+    from scratchlm.model.transformer import TransformerLM
+
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=32, context_length=8, d_model=16, n_layers=1, n_heads=2))
+    ids = torch.tensor([[1, 2, 3]])
+
+    def decode_logits() -> torch.Tensor:
+        with torch.no_grad():
+            caches = model.new_caches(1)
+            model(ids[:, :2], caches=caches)
+            return model(ids[:, 2:], caches=caches)[0, -1]
+
+    decode_logits()  # builds the decoding weights' cache
+    optimizer = AdamW(model.parameters(), lr=0.1, fused=fused)
+    model.loss(ids, ids).backward()
+    optimizer.step()
+    with torch.no_grad():
+        expected = model(ids)[0, -1]
+    torch.testing.assert_close(decode_logits(), expected, rtol=1e-5, atol=1e-5)

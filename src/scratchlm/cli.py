@@ -2,7 +2,7 @@
 
 speedrun (all of it) = tokenizer train|encode|stats -> data prepare -> train -> eval -> generate -> export;
 account (costs before you spend them), bench (time, profile and memory, measured),
-sweep run|status -> fit (scaling laws)
+sweep run|status -> fit (scaling laws), curate (data), align sft|ei|grpo|dpo|eval|speedrun (alignment)
 """
 
 from __future__ import annotations
@@ -511,6 +511,54 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
     run_speedrun(args.corpus, args.minutes, args.out, args.preset, args.device, args.nproc)
 
 
+def cmd_align_stage(args: argparse.Namespace) -> None:
+    from scratchlm.align.config import load_align_config
+
+    config = load_align_config(args.config, [f'stage="{args.command}"', *(args.set or [])])
+    import_torch()
+    from scratchlm.align.run import run_stage
+
+    result = run_stage(config, fresh=args.fresh)
+    if result.get("interrupted"):
+        raise SystemExit(130)
+    print(f"{config.out_dir}: step {result['step']}: held-out accuracy {result.get('eval/accuracy', float('nan')):.1%}"
+          f"  format {result.get('eval/format', float('nan')):.1%}")  # fmt: skip
+
+
+def cmd_align_eval(args: argparse.Namespace) -> None:
+    from scratchlm.align.config import load_align_config
+
+    config = load_align_config(args.config, args.set or [])
+    import_torch()
+    from scratchlm.align.run import held_out_evaluation
+    from scratchlm.infer import load_run
+
+    model, tokenizer, _, step = load_run(args.run, args.device)
+    result = held_out_evaluation(model, tokenizer, config, samples=args.samples)
+    if args.json:
+        import json
+
+        print(json.dumps(result, indent=1))
+        return
+    low, high = result["greedy_interval"]
+    print(f"{args.run} (step {step}), {result['problems']} held-out {config.task.name} problems "
+          f"({config.task.digits} digits):")  # fmt: skip
+    print(f"  greedy accuracy {result['greedy_accuracy']:.1%}  [95% CI {low:.1%}, {high:.1%}]  "
+          f"format {result['format_rate']:.1%}  entropy {result['token_entropy']:.3f} nats/token")  # fmt: skip
+    if result["samples"]:
+        passes = "  ".join(f"pass@{k} {v:.1%}" for k, v in result["pass_at"].items())
+        print(f"  sampled (T=1, {result['samples']} each): pass@1 {result['sampled_accuracy']:.1%}  {passes}")
+    for e in result["examples"]:
+        print(f"  {e['prompt']}{e['response']}  ({'right' if e['correct'] else 'wrong'})")
+
+
+def cmd_align_speedrun(args: argparse.Namespace) -> None:
+    import_torch()
+    from scratchlm.align.speedrun import SpeedrunPlan, speedrun
+
+    speedrun(SpeedrunPlan(out=args.out, threads=args.threads))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="scratchlm", description=__doc__)
     stages = parser.add_subparsers(dest="stage", required=True)
@@ -714,6 +762,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--remeasure-peak", action="store_true", help="measure the CPU peak again (kept if it beats the cached one)"
     )
     acc.set_defaults(func=cmd_account)
+
+    al = stages.add_parser("align", help="SFT, expert iteration, GRPO and DPO on verifiable tasks; evaluation")
+    al_cmds = al.add_subparsers(dest="command", required=True)
+    helps = {"sft": "supervised fine-tuning on demonstrations", "ei": "expert iteration (SFT on own right answers)",
+             "grpo": "GRPO: group-normalised verifier rewards", "dpo": "DPO on pairs of own samples"}  # fmt: skip
+    for name, text in helps.items():
+        st = al_cmds.add_parser(name, help=f"{text} (resumes the run if it has a checkpoint)")
+        st.add_argument("--config", help="TOML config (an AlignConfig); default: built-in defaults")
+        st.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help='override, e.g. --set init="runs/align/sft"'
+        )
+        st.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+        st.set_defaults(func=cmd_align_stage)
+    ae = al_cmds.add_parser("eval", help="held-out greedy accuracy, pass@k, format rate, lengths, entropy")
+    ae.add_argument("--run", required=True, help="run directory (a training or an alignment run)")
+    ae.add_argument("--config", help="TOML config naming the task (an AlignConfig)")
+    ae.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set task.digits=3")
+    ae.add_argument("--samples", type=number(int, 0), default=8, help="sampled answers per problem for pass@k")
+    ae.add_argument("--device", default=None)
+    ae.add_argument("--json", action="store_true")
+    ae.set_defaults(func=cmd_align_eval)
+    asr = al_cmds.add_parser("speedrun", help="task model from scratch -> SFT -> GRPO -> DPO (+ controls) -> report.md")
+    asr.add_argument("--out", default="runs/align", help="output directory (default runs/align)")
+    asr.add_argument("--threads", type=number(int, 0), default=0, help="CPU threads; 0 = all cores")
+    asr.set_defaults(func=cmd_align_speedrun)
     return parser
 
 

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from scratchlm.align.rollout import pack
+
 LOGIT_CHUNK_ROWS = 1024  # rows of hidden states turned into logits at a time
 
 
@@ -26,14 +28,7 @@ def tokenize_prompt_and_output(prompts: Sequence[str], outputs: Sequence[str], t
         raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
     if pad_id is None:
         pad_id = tokenizer.special_ids.get("<|endoftext|>", 0)
-    pairs = [(tokenizer.encode(p), tokenizer.encode(o)) for p, o in zip(prompts, outputs, strict=True)]
-    width = max(len(p) + len(o) for p, o in pairs)
-    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(pairs), width, dtype=torch.bool)
-    for i, (p, o) in enumerate(pairs):
-        ids[i, : len(p) + len(o)] = torch.tensor(p + o, dtype=torch.long)
-        mask[i, len(p) : len(p) + len(o)] = True
-    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "response_mask": mask[:, 1:]}
+    return pack([tokenizer.encode(p) for p in prompts], [tokenizer.encode(o) for o in outputs], pad_id)
 
 
 def compute_entropy(logits: Tensor) -> Tensor:
@@ -174,9 +169,13 @@ def grpo_microbatch_train_step(
     cliprange: float | None = None,
     length_normalization: Normalization = "sequence_mean",
     normalize_constant: float | None = None,
+    reference_log_probs: Tensor | None = None,
+    kl_coef: float = 0.0,
 ) -> tuple[Tensor, dict]:
     """One microbatch of a policy-gradient step: the per-token loss aggregated over the response tokens
-    by `length_normalization`, divided by the accumulation steps, and backward called on it.
+    by `length_normalization`, divided by the accumulation steps, and backward called on it. With
+    `kl_coef` > 0 each token also pays kl_coef x the k3 estimate of KL(policy || reference),
+    exp(ref - pi) - (ref - pi) - 1 (unbiased, never negative; `reference_log_probs` (B, T)).
 
     - "sequence_mean" (GRPO): each sequence's mean over its response tokens, then the batch mean;
     - "constant" (Dr. GRPO): each sequence's sum divided by `normalize_constant` (e.g. the generation
@@ -185,6 +184,11 @@ def grpo_microbatch_train_step(
     per_token, meta = compute_policy_gradient_loss(
         policy_log_probs, loss_type, raw_rewards, advantages, old_log_probs, cliprange
     )
+    if kl_coef:
+        log_ratio = reference_log_probs - policy_log_probs
+        kl = torch.exp(log_ratio) - log_ratio - 1
+        per_token = per_token + kl_coef * kl
+        meta["kl"] = masked_mean(kl.detach(), response_mask)
     if length_normalization == "sequence_mean":
         loss = masked_mean(per_token, response_mask, dim=-1).mean()
     elif length_normalization == "constant":

@@ -82,6 +82,10 @@ class AdamW(_ForeachOptimizer):
                 params, grads, ms, vs, [], [step_tensors[t] for t in steps],
                 lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
             )  # fmt: skip
+            # The fused kernel writes the parameters without bumping their version counters; what caches
+            # a copy of a weight by its version (the decoding weights, `model.layers.DecodeWeight`) would
+            # go on using the old values.
+            torch.autograd.graph.increment_version(params)
             return
         if wd != 0:
             torch._foreach_mul_(params, 1 - lr * wd)
