@@ -67,6 +67,7 @@ def test_save_load_roundtrip(trained, tmp_path):
     assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == [
         "merges.txt",
         "tokenizer.json",
+        "tokenizer_config.json",
         "vocab.json",
     ]
 

@@ -44,6 +44,7 @@ class FakeTokenizer:
 
     def __init__(self) -> None:
         self.special_ids = {"<|endoftext|>": 256}
+        self.end_id = 256
         self.vocab = {**{i: bytes([i]) for i in range(256)}, 256: b"<|endoftext|>"}
 
     def encode(self, text):

@@ -124,7 +124,7 @@ def test_bad_targets_are_clear_errors_and_a_crash_leaves_the_old_file(tmp_path, 
         export_gguf(m, path, tokenizer)
     with pytest.raises(ScratchLMError, match=r"is a directory: give the GGUF file's path"):
         export_gguf(m, tmp_path, tokenizer)
-    with pytest.raises(ScratchLMError, match=r"GGUF file type: expected one of f32, f16, q8_0, got 'q4'"):
+    with pytest.raises(ScratchLMError, match=r"GGUF file type: expected one of f32, f16, q8_0, q4_0, q4_1, got 'q4'"):
         export_gguf(m, path, tokenizer, "q4", force=True)
     with pytest.raises(ScratchLMError, match="only the Llama architecture"):
         export_gguf(model(norm_position="post"), path, tokenizer, force=True)

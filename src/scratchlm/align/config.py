@@ -19,6 +19,8 @@ class TaskConfig:
     digits: int = field(default=3, metadata=at_least(1))
     seed: int = field(default=0, metadata=at_least(0))  # the training problems' stream
     max_new_tokens: int = field(default=24, metadata=at_least(1))
+    # "plain": the bare prompt (`23+45=`); "chat": asked in words through the tokenizer's chat template
+    prompt: Literal["plain", "chat"] = "plain"
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -14,7 +14,7 @@ import torch
 from scratchlm.align.losses import get_response_log_probs, masked_mean
 from scratchlm.align.rollout import pack_rollouts, sample_rollouts
 from scratchlm.align.tasks import Problem
-from scratchlm.infer.generate import EOT, Sampling
+from scratchlm.infer.generate import Sampling
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -75,7 +75,7 @@ def evaluate_task(
     scores = [reward_fn(r.text, p.answer) for r, p in zip(greedy, problems, strict=True)]
     correct = [s["reward"] == 1.0 for s in scores]
     lengths = [len(r.response_ids) for r in greedy]
-    batch = pack_rollouts(greedy, tokenizer.special_ids.get(EOT, 0))
+    batch = pack_rollouts(greedy, tokenizer.end_id or 0)
     out = get_response_log_probs(model, batch["input_ids"], batch["labels"], return_token_entropy=True)
     entropy = float(masked_mean(out["token_entropy"], batch["response_mask"])) if batch["response_mask"].any() else 0.0
 

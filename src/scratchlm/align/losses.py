@@ -27,7 +27,7 @@ def tokenize_prompt_and_output(prompts: Sequence[str], outputs: Sequence[str], t
     if len(prompts) != len(outputs):
         raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
     if pad_id is None:
-        pad_id = tokenizer.special_ids.get("<|endoftext|>", 0)
+        pad_id = tokenizer.end_id or 0
     return pack([tokenizer.encode(p) for p in prompts], [tokenizer.encode(o) for o in outputs], pad_id)
 
 

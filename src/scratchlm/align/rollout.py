@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scratchlm.infer.generate import EOT, Sampling, generate
+from scratchlm.infer.generate import Sampling, generate
 
 ROLLOUT_BATCH = 256  # sequences decoded together
 
@@ -26,7 +26,7 @@ def sample_rollouts(model, tokenizer, prompts: Sequence[str], group_size: int, s
     """`group_size` responses for each prompt, consecutive (prompt 0's group first). Deterministic for a
     given `sampling.seed`."""
     repeated = [p for p in prompts for _ in range(group_size)]
-    eot = tokenizer.special_ids.get(EOT)
+    eot = tokenizer.end_id
     out: list[Rollout] = []
     for start in range(0, len(repeated), ROLLOUT_BATCH):
         chunk = repeated[start : start + ROLLOUT_BATCH]

@@ -22,7 +22,7 @@ import torch
 from scratchlm.align.config import AlignConfig
 from scratchlm.align.evaluate import evaluate_task
 from scratchlm.align.stages import STAGES
-from scratchlm.align.tasks import reward_function, take
+from scratchlm.align.tasks import reward_function, take_for
 from scratchlm.atomic import atomic_write_text, check_writable, remove_stale_temporaries
 from scratchlm.distributed.base import Strategy
 from scratchlm.errors import ScratchLMError
@@ -38,7 +38,7 @@ from scratchlm.train.signals import StopFlag
 
 def held_out_evaluation(model, tokenizer, config: AlignConfig, samples: int = 0) -> dict:
     t = config.task
-    problems = take(t.name, t.digits, "test", t.seed, config.eval_problems)
+    problems = take_for(t, tokenizer, "test", t.seed, config.eval_problems)
     result = evaluate_task(
         model, tokenizer, problems, reward_function(t.name), t.max_new_tokens, samples=samples, seed=config.seed
     )

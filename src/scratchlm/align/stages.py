@@ -32,7 +32,7 @@ from scratchlm.align.losses import (
     sft_microbatch_train_step,
 )
 from scratchlm.align.rollout import Rollout, pack, pack_rollouts, sample_rollouts
-from scratchlm.infer.generate import EOT, Sampling
+from scratchlm.infer.generate import Sampling
 
 Update = Callable[[], float]  # clip, step the optimizer, zero the gradients; returns the norm before clipping
 
@@ -52,8 +52,8 @@ class Stage:
 
     def __init__(self, config: AlignConfig, model, tokenizer, reference=None) -> None:
         self.config, self.model, self.tokenizer, self.reference = config, model, tokenizer, reference
-        self.pad = tokenizer.special_ids.get(EOT, 0)
-        self.eot = [tokenizer.special_ids[EOT]] if EOT in tokenizer.special_ids else []
+        self.pad = tokenizer.end_id or 0
+        self.eot = [tokenizer.end_id] if tokenizer.end_id is not None else []
         self.reward_fn = tasks.reward_function(config.task.name)
         self.forward_flops_per_token = forward_flops(model.config, 1, 1)["total"]
 
@@ -79,7 +79,7 @@ class Stage:
 
     def train_problems(self, step: int, count: int) -> list[tasks.Problem]:
         t = self.config.task
-        return tasks.take(t.name, t.digits, "train", f"{t.seed}:{step}", count)
+        return tasks.take_for(t, self.tokenizer, "train", f"{t.seed}:{step}", count)
 
     def rollouts(self, prompts: Sequence[str], step: int) -> list[Rollout]:
         r, t = self.config.rollout, self.config.task
@@ -91,7 +91,7 @@ class SFTStage(Stage):
     def __init__(self, config: AlignConfig, model, tokenizer, reference=None) -> None:
         super().__init__(config, model, tokenizer, reference)
         t = config.task
-        demos = tasks.take(t.name, t.digits, "train", t.seed, config.sft.examples)
+        demos = tasks.take_for(t, tokenizer, "train", t.seed, config.sft.examples)
         self.examples = [(tokenizer.encode(p.prompt), tokenizer.encode(p.solution) + self.eot) for p in demos]
 
     def batch_indices(self, step: int) -> list[int]:

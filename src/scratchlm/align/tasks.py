@@ -91,5 +91,32 @@ def take(task: str, digits: int, split: Literal["train", "test"], seed: int | st
     return [next(stream) for _ in range(count)]
 
 
+def instruction(task: str, problem: Problem) -> str:
+    """The problem asked in words, for a chat model (prompt = "chat"): the same answer format."""
+    if task == "addition":
+        return f"What is {problem.prompt.removesuffix('=')}? Reply with only the number, inside <answer></answer> tags."
+    numbers, target = problem.prompt.removesuffix(":").split("->")
+    return (
+        f"Using each of the numbers {numbers} exactly once, with + - * / and parentheses, write an expression "
+        f"equal to {target}. Reply with only the expression, inside <answer></answer> tags."
+    )
+
+
+def take_for(task, tokenizer, split: Literal["train", "test"], seed: int | str, count: int) -> list[Problem]:
+    """`take` for a TaskConfig: with prompt = "chat", each problem becomes a user turn of the tokenizer's
+    chat template (the model's answer starts where the template opens the assistant's turn)."""
+    drawn = take(task.name, task.digits, split, seed, count)
+    if task.prompt == "plain":
+        return drawn
+    return [
+        Problem(
+            tokenizer.apply_chat_template([{"role": "user", "content": instruction(task.name, p)}]),
+            p.answer,
+            p.solution,
+        )
+        for p in drawn
+    ]
+
+
 def reward_function(task: str) -> Callable[[str, str], dict]:
     return TASKS[task][1]

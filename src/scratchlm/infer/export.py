@@ -49,7 +49,7 @@ def llama_config(config: ModelConfig) -> dict:
         "num_key_value_heads": config.n_kv_heads,
         "head_dim": config.d_head,
         "max_position_embeddings": config.context_length,
-        "rms_norm_eps": 1e-5,
+        "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
         "tie_word_embeddings": config.tie_embeddings,
         "attention_bias": False,
@@ -80,7 +80,7 @@ def llama_state_dict(model: TransformerLM) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous().cpu() for name, tensor in out.items()}
 
 
-EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "vocab.json", "merges.txt")
+EXPORT_FILES = ("model.safetensors", "config.json", *TOKENIZER_FILES)
 
 
 def export_huggingface(
@@ -112,6 +112,7 @@ def export_huggingface(
         os.replace(staged, target / "model.safetensors")
         atomic_write_text(target / "config.json", json.dumps(config, indent=1) + "\n")
         if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                atomic_write_bytes(target / name, (Path(tokenizer_dir) / name).read_bytes())
+            for name in TOKENIZER_FILES:  # (tokenizer_config.json is absent from tokenizers saved before it was)
+                if (Path(tokenizer_dir) / name).is_file():
+                    atomic_write_bytes(target / name, (Path(tokenizer_dir) / name).read_bytes())
     return out

@@ -127,12 +127,12 @@ def generate(
     # Each sequence counts positions from its first real token (padding sits at position 0).
     positions = (torch.arange(longest + sampling.max_new_tokens, device=device)[None, :] - pads[:, None]).clamp(min=0)
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
-    eot_id = tokenizer.special_ids.get(EOT)
+    eot_id = tokenizer.end_id
 
     results = [Generation(p) for p in prompts]
     decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in prompts]
     done = [False] * batch
-    caches = model.new_caches(batch)
+    caches = model.new_caches(batch, max_len=longest + sampling.max_new_tokens)
     start = time.perf_counter()
     # Rows of the LM head past the tokenizer's vocabulary (padding) are never sampled.
     valid = max(tokenizer.vocab) + 1

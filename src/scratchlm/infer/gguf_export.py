@@ -1,13 +1,13 @@
 """Export a trained run to GGUF, the file format of llama.cpp and the tools built on it (through the `gguf`
 package that llama.cpp maintains): `llama` architecture metadata, the byte-level BPE vocabulary and merges
-(`tokenizer.ggml.model = "gpt2"`), and the weights in F32, F16 or Q8_0.
+(`tokenizer.ggml.model = "gpt2"`), and the weights in F32, F16, Q8_0, Q4_0 or Q4_1.
 
 Tensor names and layout are llama.cpp's: `token_embd`, `blk.N.attn_q` ... `output`; matrices are stored
 (out_features, in_features) as in PyTorch. RoPE needs no reordering here: llama.cpp's `llama` rotates
 adjacent pairs (x[2i], x[2i+1]) as scratchlm does (its HF converter permutes Hugging Face's halves back
 into pairs; `transformers` undoes that when it loads a GGUF). Norm gains stay F32 in every file type, as
-llama.cpp's converter keeps 1-D tensors; in Q8_0 a matrix whose rows are not a multiple of 32 falls back to
-F16 (Q8_0 packs blocks of 32).
+llama.cpp's converter keeps 1-D tensors; in Q8_0 / Q4_0 / Q4_1 a matrix whose rows are not a multiple of 32
+falls back to F16 (they pack blocks of 32).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from scratchlm.model.transformer import TransformerLM
 from scratchlm.tokenizer import formats
 from scratchlm.tokenizer.bpe import Tokenizer
 
-FILE_TYPES = ("f32", "f16", "q8_0")
+FILE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 INSTALL = 'pip install "scratchlm[export]"'
 
 
@@ -124,26 +124,29 @@ def export_gguf(
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(c.vocab_size)
-    kinds = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
+    kinds = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1"}
     writer.add_file_type(getattr(gguf.LlamaFileType, kinds[file_type]))
     if tokenizer is not None:
         tokens, types, merges = _tokenizer_fields(tokenizer, c.vocab_size)
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")  # the GPT-2 pre-tokenizer pattern, as scratchlm's BPE uses
+        # GPT-2's pattern, or digits split one by one first ("smollm" in llama.cpp: the same rule)
+        writer.add_tokenizer_pre("gpt-2" if tokenizer.pretokenizer == "gpt2" else "smollm")
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)
-        eot = tokenizer.special_ids.get("<|endoftext|>")
-        if eot is not None:
-            writer.add_bos_token_id(eot)
-            writer.add_eos_token_id(eot)
+        if tokenizer.end_id is not None:
+            writer.add_bos_token_id(tokenizer.end_id)
+            writer.add_eos_token_id(tokenizer.end_id)
             writer.add_add_bos_token(False)
+        if tokenizer.chat_template is not None:
+            writer.add_chat_template(tokenizer.chat_template)
     for tensor_name, data in gguf_tensors(model).items():
         qtype = gguf.GGMLQuantizationType.F32
         if data.ndim == 2 and file_type == "f16":
             qtype = gguf.GGMLQuantizationType.F16
-        elif data.ndim == 2 and file_type == "q8_0":
-            qtype = gguf.GGMLQuantizationType.Q8_0 if data.shape[1] % 32 == 0 else gguf.GGMLQuantizationType.F16
+        elif data.ndim == 2 and file_type != "f32":
+            blocks = getattr(gguf.GGMLQuantizationType, file_type.upper())
+            qtype = blocks if data.shape[1] % 32 == 0 else gguf.GGMLQuantizationType.F16
         writer.add_tensor(tensor_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     try:
         writer.write_header_to_file()

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.infer.generate import EOT, Generation, Sampling, _emit, check_fits, probabilities
+from scratchlm.infer.generate import Generation, Sampling, _emit, check_fits, probabilities
 
 
 @dataclass
@@ -152,7 +152,7 @@ def speculative_generate(
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     greedy = sampling.temperature <= 0
     valid = max(tokenizer.vocab) + 1
-    eot_id = tokenizer.special_ids.get(EOT)
+    eot_id = tokenizer.end_id
     result, decoder = Generation(prompt), codecs.getincrementaldecoder("utf-8")(errors="replace")
     stats = SpeculativeStats()
     caches = model.new_caches(1)

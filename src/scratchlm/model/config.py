@@ -40,6 +40,7 @@ class ModelConfig:
     n_kv_heads: int | None = field(default=None, metadata=at_least(1))  # grouped-query attention when < n_heads
     d_ff: int | None = field(default=None, metadata=at_least(1))  # default: about 8/3 d_model, a multiple of 64
     rope_theta: float = field(default=10_000.0, metadata=above(0))
+    norm_eps: float = field(default=1e-5, metadata=above(0))  # RMSNorm's epsilon
     tie_embeddings: bool = False
     norm_position: Literal["pre", "post"] = "pre"
     position_embedding: Literal["rope", "none"] = "rope"

@@ -35,11 +35,11 @@ class TransformerBlock(nn.Module):
         self.checkpointed = checkpointed  # recomputed in backward (non-reentrant torch.utils.checkpoint)
         fused = config.fused_kernels
         self.pre_norm = config.norm_position == "pre"
-        self.ln1 = RMSNorm(config.d_model, fused=fused, device=device, dtype=dtype)
+        self.ln1 = RMSNorm(config.d_model, config.norm_eps, fused, device, dtype)
         self.attn = CausalSelfAttention(
             config.d_model, config.n_heads, config.n_kv_heads, rope, fused, config.dropout, device, dtype
         )
-        self.ln2 = RMSNorm(config.d_model, fused=fused, device=device, dtype=dtype)
+        self.ln2 = RMSNorm(config.d_model, config.norm_eps, fused, device, dtype)
         ffn_class = SwiGLU if config.ffn == "swiglu" else SiLUFFN
         self.ffn = ffn_class(config.d_model, config.d_ff, fused, device, dtype)
         self.dropout = Dropout(config.dropout, fused)  # on each branch's output, before it joins the residual
@@ -72,7 +72,7 @@ class TransformerLM(nn.Module):
         self.layers = nn.ModuleList(
             TransformerBlock(config, rope, device, dtype, config.is_checkpointed(i)) for i in range(config.n_layers)
         )
-        self.ln_final = RMSNorm(config.d_model, fused=config.fused_kernels, device=device, dtype=dtype)
+        self.ln_final = RMSNorm(config.d_model, config.norm_eps, config.fused_kernels, device, dtype)
         self.lm_head = Linear(config.d_model, config.vocab_size, device, dtype)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embeddings.weight
@@ -111,12 +111,14 @@ class TransformerLM(nn.Module):
         """token_ids: (batch, seq) -> logits (batch, seq, vocab_size). See `hidden_states` for the rest."""
         return self.lm_head(self.hidden_states(token_ids, positions, caches, key_mask))
 
-    def new_caches(self, batch: int, device=None, dtype=None) -> list[KVCache]:
-        """Empty KV caches, one per layer, each holding up to context_length positions."""
+    def new_caches(self, batch: int, device=None, dtype=None, max_len: int | None = None) -> list[KVCache]:
+        """Empty KV caches, one per layer, each holding up to `max_len` positions (default: the context
+        length; a long-context model's full context is gigabytes a sequence, so size it to the need)."""
         c = self.config
         device = device or self.lm_head.weight.device
         dtype = dtype or self.lm_head.weight.dtype
-        return [KVCache.empty(batch, c.n_kv_heads, c.context_length, c.d_head, device, dtype) for _ in self.layers]
+        length = min(max_len or c.context_length, c.context_length)
+        return [KVCache.empty(batch, c.n_kv_heads, length, c.d_head, device, dtype) for _ in self.layers]
 
     def loss(self, token_ids: Tensor, targets: Tensor) -> Tensor:
         """Mean next-token cross-entropy (nats). token_ids, targets: (batch, seq).

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.infer.generate import EOT, Generation, Sampling, _emit, check_fits, sample_next
+from scratchlm.infer.generate import Generation, Sampling, _emit, check_fits, sample_next
 from scratchlm.serve.blocks import BlockPool, OutOfBlocks, PagedLayerCache, block_hashes
 
 
@@ -78,7 +78,7 @@ class Engine:
         self.ids = itertools.count()
         self.stats = EngineStats()
         self.valid = max(tokenizer.vocab) + 1
-        self.eot = tokenizer.special_ids.get(EOT)
+        self.eot = tokenizer.end_id
 
     # --- requests
     def add_request(self, prompt: str, sampling: Sampling | None = None) -> int:

@@ -86,10 +86,11 @@ def bpe_function_reference(
     return partial(bpe_reference, ranks, byte_ids)
 
 
-def bpe_reference(ranks: dict[tuple[int, int], tuple[int, int]], byte_ids: list[int], piece: str) -> list[int]:
+def bpe_reference(ranks: dict[tuple[int, int], tuple[int, int]], byte_ids: list[int | None], piece: str) -> list[int]:
     """BPE of one pre-token: start from its UTF-8 bytes, repeatedly merge (everywhere) the adjacent
-    pair whose merge was learned earliest, until no adjacent pair has a merge."""
-    ids = [byte_ids[b] for b in piece.encode("utf-8")]
+    pair whose merge was learned earliest, until no adjacent pair has a merge. Bytes whose id is None
+    (not in the vocabulary) are left out first, as `tokenizers` leaves them out."""
+    ids = [i for b in piece.encode("utf-8") if (i := byte_ids[b]) is not None]
     while len(ids) > 1:
         best = min(pairwise(ids), key=lambda pair: ranks.get(pair, (1 << 62,))[0])
         if best not in ranks:

@@ -104,8 +104,106 @@ def write_merges_txt(path: Path, merges: Sequence[tuple[bytes, bytes]]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+PRETOKENIZER_JSON = {
+    "gpt2": _BYTE_LEVEL,
+    "digits": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
+}
+
+
+def pretokenizer_of(hf: dict, where: Path) -> str:
+    """Which of our pre-tokenizers a `tokenizer.json` describes (its `pre_tokenizer` and `normalizer`);
+    anything else is refused rather than encoded differently."""
+
+    def same(ours: dict, theirs) -> bool:
+        if not isinstance(theirs, dict) or theirs.get("type") != ours["type"]:
+            return False
+        if ours["type"] == "Sequence":
+            parts = theirs.get("pretokenizers") or []
+            return len(parts) == len(ours["pretokenizers"]) and all(map(same, ours["pretokenizers"], parts))
+        return all(theirs.get(k, v) == v for k, v in ours.items() if k != "trim_offsets")
+
+    if hf.get("normalizer") is not None:
+        raise ScratchLMError(f"{where}: a normalizer ({hf['normalizer'].get('type')}) is not supported: expected none")
+    for name, ours in PRETOKENIZER_JSON.items():
+        if same(ours, hf.get("pre_tokenizer")):
+            return name
+    found = json.dumps(hf.get("pre_tokenizer"))[:200]
+    raise ScratchLMError(
+        f"{where}: pre_tokenizer {found} is not supported: expected GPT-2's ByteLevel, optionally after "
+        "Digits(individual_digits=true)"
+    )
+
+
+def read_tokenizer_json(path: Path) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]], list[str], str]:
+    """(vocab, merges, special tokens, pre-tokenizer) of a byte-level BPE `tokenizer.json` of `tokenizers`."""
+    try:
+        hf = json.loads(Path(path).read_text(encoding="utf-8"))
+        model, added = hf["model"], hf.get("added_tokens") or []
+        raw_vocab, raw_merges = model["vocab"], model["merges"]
+        specials = {t["content"]: t["id"] for t in added}
+    except OSError as exc:
+        raise ScratchLMError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ScratchLMError(
+            f"{path}: expected a tokenizer.json with 'model.vocab' and 'model.merges' ({exc})"
+        ) from None
+    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("ignore_merges"):
+        raise ScratchLMError(
+            f"{path}: model type {model.get('type')!r} (byte_fallback={model.get('byte_fallback')}, ignore_merges="
+            f"{model.get('ignore_merges')}): expected a byte-level BPE without byte fallback or ignore_merges"
+        )
+    pretokenizer = pretokenizer_of(hf, path)
+    vocab: dict[int, bytes] = {}
+    for text, token_id in raw_vocab.items():
+        vocab[token_id] = text.encode() if text in specials else string_to_token(text, f"{path}: token {token_id}")
+    for text, token_id in specials.items():
+        vocab[token_id] = text.encode()
+    merges = []
+    for rank, merge in enumerate(raw_merges):
+        parts = merge.split(" ") if isinstance(merge, str) else merge
+        if len(parts) != 2:
+            raise ScratchLMError(f"{path}: merge {rank} is {merge!r}: expected two tokens")
+        merges.append(tuple(string_to_token(part, f"{path}: merge {rank}") for part in parts))
+    return vocab, merges, list(specials), pretokenizer
+
+
+def tokenizer_config(end_token: str | None, chat_template: str | None) -> dict:
+    """The `tokenizer_config.json` beside a tokenizer: its end token and chat template, under the keys
+    `transformers` reads."""
+    config: dict = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    if end_token is not None:
+        config["eos_token"] = end_token
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    return config
+
+
+def read_tokenizer_config(path: Path) -> dict:
+    """{"eos_token", "chat_template"} from a `tokenizer_config.json` (empty when there is none)."""
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ScratchLMError(f"{path}: not a readable JSON object ({exc})") from None
+    out = {}
+    for key in ("eos_token", "chat_template"):
+        value = raw.get(key) if isinstance(raw, dict) else None
+        if isinstance(value, dict):  # transformers also writes {"content": ...} token objects
+            value = value.get("content")
+        if value is not None and not isinstance(value, str):
+            raise ScratchLMError(f"{path}: {key} is {value!r}: expected a string")
+        if value is not None:
+            out[key] = value
+    return out
+
+
 def huggingface_json(
-    vocab: dict[int, bytes], merges: Sequence[tuple[bytes, bytes]], special_ids: dict[str, int]
+    vocab: dict[int, bytes],
+    merges: Sequence[tuple[bytes, bytes]],
+    special_ids: dict[str, int],
+    pretokenizer: str = "gpt2",
 ) -> dict:
     """A `tokenizer.json` that `tokenizers.Tokenizer.from_file` loads and that gives identical ids."""
     specials_by_id = {i: s for s, i in special_ids.items()}
@@ -127,12 +225,7 @@ def huggingface_json(
             for s, i in sorted(special_ids.items(), key=lambda kv: kv[1])
         ],
         "normalizer": None,
-        "pre_tokenizer": {
-            "type": "ByteLevel",
-            "add_prefix_space": False,
-            "trim_offsets": True,
-            "use_regex": True,
-        },
+        "pre_tokenizer": PRETOKENIZER_JSON[pretokenizer],
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {
