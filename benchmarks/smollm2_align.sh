@@ -6,13 +6,12 @@ set -euo pipefail
 runs=${1:-runs}
 config=configs/align/smollm2-addition.toml
 [ -f "$runs/smollm2/checkpoints/latest" ] || scratchlm import smollm2 --out "$runs/smollm2"
-[ -f "$runs/smollm2-base-eval.json" ] || scratchlm align eval --run "$runs/smollm2" --config $config --samples 0 --json > "$runs/smollm2-base-eval.json"
 scratchlm align sft --config $config --set init="\"$runs/smollm2\"" --set out_dir="\"$runs/smollm2-sft\""
 scratchlm align grpo --config $config --set init="\"$runs/smollm2-sft\"" --set out_dir="\"$runs/smollm2-grpo\"" \
   --set steps=12 --set batch_size=8 --set optim.lr=1e-5 --set optim.min_lr=1e-6 --set optim.warmup_steps=0
 for stage in base sft grpo; do
   file=$runs/smollm2-$stage-eval.json run=$runs/smollm2-$stage
   [ $stage = base ] && run=$runs/smollm2
-  [ -f "$file" ] || scratchlm align eval --run "$run" --config $config --samples 0 --json > "$file"
-  python -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], f\"{r['greedy_accuracy']:.1%}\", r['greedy_interval'], f\"format {r['format_rate']:.1%}\")" "$file" "$stage"
+  [ -f "$file" ] || { scratchlm align eval --run "$run" --config $config --samples 0 --json > "$file.tmp" && mv "$file.tmp" "$file"; }
+  python -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], f\"{r['greedy_accuracy']:.1%}\", r['greedy_interval'], f\"format {r['format_rate']:.1%}\", f\"last number {r['last_number_accuracy']:.1%}\")" "$file" "$stage"
 done

@@ -158,3 +158,25 @@ def test_rewards():
         evaluate_arithmetic("2 ** 10")
     assert gsm8k_reward("She pays 1,250 dollars... so 1,250.", "... #### 1250")["reward"] == 1
     assert gsm8k_reward("the answer is 12 not 13", "#### 12")["reward"] == 0
+
+
+def test_chat_prompts_ask_the_same_problems_through_the_template():
+    from scratchlm.align import tasks
+    from scratchlm.align.config import TaskConfig
+    from scratchlm.tokenizer.bpe import Tokenizer
+
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    template += "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    chat = Tokenizer(
+        {i: bytes([i]) for i in range(256)}, [], ["<|im_start|>", "<|im_end|>"], "gpt2", "<|im_end|>", template
+    )
+    for name in ("addition", "countdown"):
+        plain = tasks.take(name, 2, "test", 0, 5)
+        asked = tasks.take_for(TaskConfig(name=name, digits=2, prompt="chat"), chat, "test", 0, 5)
+        assert [p.answer for p in asked] == [p.answer for p in plain]
+        question = plain[0].prompt.removesuffix("=") if name == "addition" else plain[0].prompt.split("->")[1][:-1]
+        assert asked[0].prompt.startswith("<|im_start|>user\n") and question in asked[0].prompt
+        assert (
+            asked[0].prompt.endswith("<|im_end|>\n<|im_start|>assistant\n") and "<answer></answer>" in asked[0].prompt
+        )
+    assert tasks.take_for(TaskConfig(digits=2), chat, "test", 0, 5) == tasks.take("addition", 2, "test", 0, 5)

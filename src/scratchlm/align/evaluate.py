@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from scratchlm.align import rewards
 from scratchlm.align.losses import get_response_log_probs, masked_mean
 from scratchlm.align.rollout import pack_rollouts, sample_rollouts
 from scratchlm.align.tasks import Problem
@@ -44,6 +45,9 @@ class TaskEvaluation:
     mean_length_correct: float | None  # response tokens of greedy answers that were right / wrong
     mean_length_incorrect: float | None
     token_entropy: float  # nats per response token of the greedy answers
+    # numeric answers: the greedy response's last number is right, tags or not (GSM8K's rule): what a
+    # chat model knows before it has learned the answer format
+    last_number_accuracy: float | None = None
     samples: int = 0  # per problem, for the sampled figures (0: greedy only)
     sampled_accuracy: float | None = None  # sampled pass@1
     pass_at: dict[int, float] = field(default_factory=dict)
@@ -90,6 +94,10 @@ def evaluate_task(
         mean_length_correct=mean([n for n, ok in zip(lengths, correct, strict=True) if ok]),
         mean_length_incorrect=mean([n for n, ok in zip(lengths, correct, strict=True) if not ok]),
         token_entropy=entropy,
+        last_number_accuracy=None
+        if not all(p.answer.isdigit() for p in problems)
+        else sum(rewards.gsm8k_reward(r.text, p.answer)["reward"] for r, p in zip(greedy, problems, strict=True))
+        / len(problems),
         examples=[
             {"prompt": p.prompt, "response": r.text, "correct": ok}
             for p, r, ok in zip(problems[:examples], greedy, correct, strict=False)
