@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# SmolLM2-135M-Instruct: held-out 2-digit addition before and after SFT, then GRPO from the SFT model.
-# Each step is cached (a finished stage is not rerun; an interrupted one resumes). About 25 min on 2 CPU cores.
+# SmolLM2-135M-Instruct: held-out 2-digit addition before and after SFT, then GRPO from the SFT model;
+# GSM8K (the first 50 test problems) and MMLU (5 test questions per subject) before and after, as a
+# regression check. Each step is cached (a finished stage is not rerun; an interrupted one resumes).
+# About an hour on 2 CPU cores.
 # Usage: benchmarks/smollm2_align.sh [runs]
 set -euo pipefail
 runs=${1:-runs}
@@ -14,4 +16,9 @@ for stage in base sft grpo; do
   [ $stage = base ] && run=$runs/smollm2
   [ -f "$file" ] || { scratchlm align eval --run "$run" --config $config --samples 0 --json > "$file.tmp" && mv "$file.tmp" "$file"; }
   python -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], f\"{r['greedy_accuracy']:.1%}\", r['greedy_interval'], f\"format {r['format_rate']:.1%}\", f\"last number {r['last_number_accuracy']:.1%}\")" "$file" "$stage"
+  for bench in "gsm8k --limit 50" "mmlu --limit 5"; do
+    file=$runs/smollm2-$stage-${bench%% *}.json
+    [ -f "$file" ] || { scratchlm align eval --run "$run" --benchmark $bench --json > "$file.tmp" && mv "$file.tmp" "$file"; }
+    python -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], r['benchmark'], r['questions'], f\"{r['accuracy']:.1%}\", r['interval'])" "$file" "$stage"
+  done
 done

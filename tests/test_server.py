@@ -3,6 +3,7 @@ and chat, streamed or not, n, seeds, stop strings, usage; errors in OpenAI's for
 disconnects mid-stream frees its KV blocks."""
 
 import http.client
+import itertools
 import json
 import socket
 import threading
@@ -157,3 +158,155 @@ def test_bench_serve_loads_the_server_with_poisson_arrivals(server, capsys):
                  "--rate", "20"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert out.startswith("3/3 requests in") and "TTFT" in out and "E2E" in out
+
+
+def test_streams_end_with_the_usage_when_asked(server):
+    [alone], _ = generate(server.model, server.tokenizer, ["the king"], Sampling(temperature=0, max_new_tokens=9))
+    chunks = list(server.client.completions.create(model="tiny", prompt="the king", max_tokens=9, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(alone.token_ids) == 9
+    assert chunks[-1].usage.prompt_tokens == 8 and all(c.usage is None for c in chunks[:-1])
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == alone.text
+    with pytest.raises(openai.BadRequestError, match="stream_options: expected"):
+        server.client.completions.create(model="tiny", prompt="a", stream=True, stream_options={"include_usage": 1})
+
+
+def test_chat_prompts_use_the_models_own_chat_template():
+    from scratchlm.serve.server import BadRequest
+    from scratchlm.tokenizer import Tokenizer
+
+    template = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+                "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+                "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+    vocab = {i: bytes([i]) for i in range(256)}
+    tokenizer = Tokenizer(vocab, [], ["<|im_start|>", "<|im_end|>"], end_token="<|im_end|>", chat_template=template)
+    messages = [{"role": "user", "content": "hi"}]
+    assert render_chat(messages, tokenizer) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert render_chat(messages, Tokenizer(vocab, [])) == render_chat(messages) == "user: hi\nassistant:"
+    with pytest.raises(BadRequest, match=r"messages: the chat template refused the messages \(unknown role tool\)"):
+        render_chat([{"role": "tool", "content": "x"}], tokenizer)
+
+
+def chrome():
+    """Headless Chromium driven by Selenium, from the Debian packages (chromium, chromium-driver)."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver = shutil.which("chromedriver")
+    if not browser or not driver:
+        pytest.skip("the browser test needs Chromium and its driver (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=options)
+
+
+def test_the_chat_page_streams_a_reply_in_a_real_browser(server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chrome()
+    try:
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        # every change of the reply's text, as the page makes it
+        browser.execute_script("""
+            window.updates = [];
+            new MutationObserver(() => {
+              const reply = document.querySelector('#log .assistant');
+              if (reply) window.updates.push(reply.textContent);
+            }).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});
+        """)
+        temperature = browser.find_element(By.ID, "temperature")
+        temperature.clear()
+        temperature.send_keys("0")
+        browser.find_element(By.ID, "message").send_keys("hello")
+        browser.find_element(By.ID, "send").click()
+        WebDriverWait(browser, 60).until(lambda b: b.execute_script("return document.body.dataset.state") == "done")
+        reply = browser.execute_script("return document.querySelector('#log .assistant').textContent")
+        updates = [u for u in browser.execute_script("return window.updates") if u]
+        stats = browser.find_element(By.ID, "stats").text
+        you = browser.find_element(By.CSS_SELECTOR, "#log .user").text
+    finally:
+        browser.quit()
+    [alone], _ = generate(server.model, server.tokenizer, [render_chat([{"role": "user", "content": "hello"}])],
+                          Sampling(temperature=0, max_new_tokens=64))  # fmt: skip
+    assert you == "you: hello" and reply == "model: " + alone.text  # the model's greedy reply, whole
+    assert len(set(updates)) >= 3 and updates[-1] == reply  # it grew piece by piece
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(updates))
+    assert stats.startswith(f"{len(alone.token_ids)} tokens in ") and stats.endswith(" tokens/s")
+
+
+@pytest.fixture(scope="module")
+def served_run(data_dir, tmp_path_factory):
+    """A trained tiny run for `scratchlm serve` in its own process."""
+    from conftest import tiny_config
+
+    from scratchlm.train.trainer import train
+
+    out = tmp_path_factory.mktemp("served") / "run"
+    train(tiny_config(data_dir, out, max_steps=2, **{"model.context_length": 128, "model.d_model": 64}))
+    return out
+
+
+def serve_process(run, *args: str):
+    import subprocess
+    import sys
+
+    port = free_port()
+    command = [sys.executable, "-m", "scratchlm.cli", "serve", "--run", str(run), "--port", str(port), *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/v1/models")
+            if conn.getresponse().status == 200:
+                return process, port
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    pytest.fail(f"the server did not start: {process.communicate()[1][-2000:]}")
+
+
+def stream_lines(port: int, max_tokens: int, n: int):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    body = {"prompt": "the", "max_tokens": max_tokens, "n": n, "stream": True, "temperature": 1.0, "seed": 0}
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    return response
+
+
+@pytest.mark.parametrize("timeout", ["30", "0"])
+def test_sigterm_finishes_or_cancels_in_flight_requests_and_exits(served_run, timeout):
+    import signal
+
+    process, port = serve_process(served_run, "--shutdown-timeout", timeout)
+    try:
+        response = stream_lines(port, 120, 16)
+        assert response.readline().startswith(b"data: ")  # in flight
+        process.send_signal(signal.SIGTERM)
+        start = time.time()
+        rest = b""
+        try:
+            while line := response.readline():
+                rest += line
+        except (http.client.IncompleteRead, ConnectionError):
+            pass
+        _, stderr = process.communicate(timeout=30)
+        waited = time.time() - start
+    finally:
+        process.kill()
+    assert process.returncode == -signal.SIGTERM and "Traceback" not in stderr, stderr  # stopped as asked
+    events = [json.loads(line[6:]) for line in rest.splitlines() if line.startswith(b"data: {")]
+    reasons = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
+    if timeout == "30":  # the request in flight was allowed to finish: every sample ends, then [DONE]
+        assert rest.rstrip().endswith(b"data: [DONE]") and len(reasons) == 16
+    else:  # cancelled at once: the stream is cut short, the process does not wait for it
+        assert b"[DONE]" not in rest and len(reasons) < 16 and waited < 10
+    assert set(reasons) <= {"length", "stop"}
+    with pytest.raises(OSError):  # and nothing listens any more
+        http.client.HTTPConnection("127.0.0.1", port, timeout=5).request("GET", "/v1/models")

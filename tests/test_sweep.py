@@ -3,6 +3,7 @@ them), cached by their resolved config, skipped when done, extended, resumed aft
 and run through the local and the Ray executor; their results feed `scratchlm fit`."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -60,6 +61,13 @@ def test_runs_are_defined_by_their_budget_and_keyed_by_their_config(data_dir, tm
         assert run.config.max_steps == run.steps and run.config.eval_every == run.steps
         assert run.config.max_minutes == 0 and run.run_dir == tmp_path / "out" / "runs" / run.key
     assert [r.key for r in plan(load_sweep(path))] == [r.key for r in runs]  # the same config, the same key
+    # a shape restricted to some budgets runs only at those
+    restricted_text = spec_text(data_dir, tmp_path / "out").replace('n_layers" = 2', 'n_layers" = 2\nbudgets = [9e8]')
+    path.write_text(restricted_text)
+    restricted = plan(load_sweep(path))
+    assert [(r.budget, r.labels["model.d_model"]) for r in restricted] == [(3e8, 16), (9e8, 16), (9e8, 32)]
+    assert "budgets" not in restricted[-1].labels
+    assert restricted[-1].key == runs[-1].key  # the same run whatever the sweep around it
 
 
 def test_a_sweep_runs_skips_what_is_done_and_extends(data_dir, tmp_path):
@@ -143,10 +151,14 @@ def test_the_local_executor_reports_each_job_as_it_ends(tmp_path):
         (lambda t: t.replace("seeds = [0]", "seeds = [-1]"), "seeds is [-1]; expected a non-empty list of integers"),
         (lambda t: t.replace('name = "tiny"', 'name = "tiny"\nbudget = 3'), "unknown field 'budget'"),
         (lambda t: t.replace('"model.n_layers" = 1', '"model.n_layers" = "one"'), "model.n_layers"),
+        (
+            lambda t: t.replace('"model.n_layers" = 1', '"model.n_layers" = 1\nbudgets = [1e9]'),
+            "shapes[0].budgets is [1000000000.0]; expected a non-empty list of the sweep's budgets (3e+08, 9e+08)",
+        ),
     ],
 )
 def test_bad_sweep_files_are_named(data_dir, tmp_path, edit, message):
     path = tmp_path / "sweep.toml"
     path.write_text(edit(spec_text(data_dir, tmp_path / "out")))
-    with pytest.raises(ScratchLMError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ScratchLMError, match=re.escape(message)):
         plan(load_sweep(path))

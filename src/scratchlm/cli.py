@@ -479,7 +479,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     name = Path(args.run).name
     print(f"serving {args.run} (step {step}) as {name!r} on http://{args.host}:{args.port}/ "
           f"(chat page at /, OpenAI API at /v1); Ctrl-C stops")  # fmt: skip
-    uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="warning")
+    # SIGTERM / Ctrl-C: stop accepting, let in-flight requests finish for up to --shutdown-timeout seconds,
+    # then cancel the rest (their KV blocks are freed) and exit
+    uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=args.shutdown_timeout)  # fmt: skip
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -542,6 +545,8 @@ def cmd_align_stage(args: argparse.Namespace) -> None:
 
 
 def cmd_align_eval(args: argparse.Namespace) -> None:
+    if args.benchmark:
+        return cmd_align_benchmark(args)
     from scratchlm.align.config import load_align_config
 
     config = load_align_config(args.config, args.set or [])
@@ -566,6 +571,30 @@ def cmd_align_eval(args: argparse.Namespace) -> None:
         print(f"  sampled (T=1, {result['samples']} each): pass@1 {result['sampled_accuracy']:.1%}  {passes}")
     for e in result["examples"]:
         print(f"  {e['prompt']}{e['response']}  ({'right' if e['correct'] else 'wrong'})")
+
+
+def cmd_align_benchmark(args: argparse.Namespace) -> None:
+    import_torch()
+    from scratchlm.align.benchmarks import evaluate_gsm8k, evaluate_mmlu
+    from scratchlm.infer import load_run
+
+    model, tokenizer, _, step = load_run(args.run, args.device)
+    if args.benchmark == "gsm8k":
+        args.limit = args.limit or 100
+        result = evaluate_gsm8k(model, tokenizer, Path(args.data), args.limit, 4 if args.shots is None else args.shots)
+    else:
+        args.limit = args.limit or 10
+        result = evaluate_mmlu(model, tokenizer, Path(args.data), args.limit, args.shots or 0)
+    if args.json:
+        import json
+
+        print(json.dumps(result.as_dict(), indent=1))
+        return
+    low, high = result.interval
+    asked = f"{args.limit} per subject" if args.benchmark == "mmlu" else f"the first {args.limit}"
+    print(f"{args.run} (step {step}), {result.benchmark.upper()}, {result.questions} questions ({asked}; "
+          f"{result.prompt} prompt, {result.shots} shots): accuracy {result.accuracy:.1%}  "
+          f"[95% CI {low:.1%}, {high:.1%}]")  # fmt: skip
 
 
 def cmd_align_speedrun(args: argparse.Namespace) -> None:
@@ -675,6 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=number(int, 1), default=64, help="sequences decoded together (default 64)")
     srv.add_argument("--token-budget", type=number(int, 1), default=512, help="tokens fed per step (default 512)")
     srv.add_argument("--weights", choices=["float32", "bfloat16", "int8"], default="float32")
+    srv.add_argument("--shutdown-timeout", type=number(float, 0), default=30.0,
+                     help="on SIGTERM / Ctrl-C, seconds in-flight requests may take to finish before they are "
+                          "cancelled (default 30)")  # fmt: skip
     srv.set_defaults(func=cmd_serve)
 
     exp = stages.add_parser("export", help="export a run to the Hugging Face format (LlamaForCausalLM) or GGUF")
@@ -805,6 +837,11 @@ def build_parser() -> argparse.ArgumentParser:
     ae.add_argument("--config", help="TOML config naming the task (an AlignConfig)")
     ae.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set task.digits=3")
     ae.add_argument("--samples", type=number(int, 0), default=8, help="sampled answers per problem for pass@k")
+    ae.add_argument("--benchmark", choices=["gsm8k", "mmlu"], help="a standard benchmark instead of the task")
+    ae.add_argument("--data", default="../shared/data/eval", help="folder with gsm8k/ and mmlu/ (--benchmark)")
+    ae.add_argument("--limit", type=number(int, 1),
+                    help="--benchmark: GSM8K problems (100), or MMLU questions per subject (10)")  # fmt: skip
+    ae.add_argument("--shots", type=number(int, 0), help="--benchmark: worked examples first (GSM8K 4, MMLU 0)")
     ae.add_argument("--device", default=None)
     ae.add_argument("--json", action="store_true")
     ae.set_defaults(func=cmd_align_eval)

@@ -69,13 +69,14 @@ def evaluate_task(
     temperature: float = 1.0,
     seed: int = 0,
     examples: int = 4,
+    stop: tuple[str, ...] = (),
 ) -> TaskEvaluation:
-    """Greedy answers to every problem; with `samples` > 0 also that many sampled answers each (pass@k
-    for each k <= samples)."""
+    """Greedy answers to every problem (ending at the end token or at a `stop` string); with `samples` > 0
+    also that many sampled answers each (pass@k for each k <= samples)."""
     was_training = model.training
     model.eval()
     prompts = [p.prompt for p in problems]
-    greedy = sample_rollouts(model, tokenizer, prompts, 1, Sampling(0.0, 0, 1.0, max_new_tokens, seed))
+    greedy = sample_rollouts(model, tokenizer, prompts, 1, Sampling(0.0, 0, 1.0, max_new_tokens, seed, stop))
     scores = [reward_fn(r.text, p.answer) for r, p in zip(greedy, problems, strict=True)]
     correct = [s["reward"] == 1.0 for s in scores]
     lengths = [len(r.response_ids) for r in greedy]
@@ -104,7 +105,7 @@ def evaluate_task(
         ],
     )
     if samples:
-        sampling = Sampling(temperature, 0, 1.0, max_new_tokens, seed + 1)
+        sampling = Sampling(temperature, 0, 1.0, max_new_tokens, seed + 1, stop)
         sampled = sample_rollouts(model, tokenizer, prompts, samples, sampling)
         hits = [reward_fn(r.text, problems[i // samples].answer)["reward"] == 1.0 for i, r in enumerate(sampled)]
         per_problem = [sum(hits[i * samples : (i + 1) * samples]) for i in range(len(problems))]

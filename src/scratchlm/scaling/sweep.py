@@ -13,6 +13,7 @@ learning rate, optimizer, architecture options), the seeds, fixed overrides and 
     [[shapes]]                                   # one table per model shape
     "model.d_model" = 64
     "model.n_layers" = 2
+    budgets = [1e13, 3e13]                       # optional: only at these budgets (default: all of them)
     [grid]                                       # optional: the cross product with the shapes
     "optim.lr" = [1e-3, 3e-3]
 
@@ -85,6 +86,11 @@ def load_sweep(path: str | Path) -> SweepSpec:
     shapes = data["shapes"]
     if not isinstance(shapes, list) or not shapes or not all(isinstance(s, dict) for s in shapes):
         raise fail("shapes", "one or more [[shapes]] tables")
+    for i, shape in enumerate(shapes):
+        if "budgets" in shape and (not isinstance(shape["budgets"], list) or not shape["budgets"]
+                                   or not set(shape["budgets"]) <= set(budgets)):  # fmt: skip
+            raise ScratchLMError(f"{path}: shapes[{i}].budgets is {shape['budgets']!r}; expected a non-empty "
+                                 f"list of the sweep's budgets ({', '.join(f'{b:g}' for b in budgets)})")  # fmt: skip
     grid = data.get("grid", {})
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise fail("grid", "a table of non-empty lists")
@@ -123,7 +129,9 @@ def plan(spec: SweepSpec) -> list[PlannedRun]:
     points = [dict(zip(spec.grid, values, strict=True)) for values in itertools.product(*spec.grid.values())]
     runs = []
     for budget, shape, point, seed in itertools.product(spec.budgets, spec.shapes, points or [{}], spec.seeds):
-        labels = {**shape, **point}
+        if budget not in shape.get("budgets", [budget]):
+            continue
+        labels = {**{k: v for k, v in shape.items() if k != "budgets"}, **point}
         overrides = [_set(k, v) for k, v in {**spec.set, **labels}.items()] + [f"seed={seed}"]
         config = load_config(spec.base_config, overrides)
         steps = max(1, round(budget / (config.tokens_per_step * training_flops_per_token(config.model))))

@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP server over the continuous-batching engine (Starlette + uvicorn):
-`/v1/models`, `/v1/completions`, `/v1/chat/completions` (server-sent events with `stream`), and a chat
-page at `/`.
+`/v1/models`, `/v1/completions`, `/v1/chat/completions` (server-sent events with `stream`; a last chunk
+with the usage counts under `stream_options.include_usage`), and a chat page at `/`. Chat prompts use the
+model's own chat template where its tokenizer has one (an imported model's), else "role: content" lines.
 
 One thread runs the engine (`EngineLoop`): it admits what the HTTP handlers submit, steps while there
 is work, and hands each new token to its request's asyncio queue. A client that disconnects
@@ -27,8 +28,14 @@ from scratchlm.serve.engine import Engine
 CHAT_TEMPLATE = "{system}{turns}assistant:"  # each turn: "{role}: {content}\n"; the model continues after "assistant:"
 
 
-def render_chat(messages: list[dict]) -> str:
-    """The default chat template: one "role: content" line per message, then "assistant:"."""
+def render_chat(messages: list[dict], tokenizer=None) -> str:
+    """The prompt for `messages`: the tokenizer's chat template if it has one, else the default one
+    ("role: content" lines, then "assistant:")."""
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            return tokenizer.apply_chat_template(messages)
+        except ScratchLMError as exc:  # e.g. the template's raise_exception() for an unknown role
+            raise BadRequest(f"messages: {exc}", "messages") from None
     turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     return CHAT_TEMPLATE.format(system="", turns=turns)
 
@@ -211,7 +218,7 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 256):
                     )
                 ):
                     raise BadRequest("messages: expected a non-empty list of {role, content} objects", "messages")
-                prompt = render_chat(messages)
+                prompt = render_chat(messages, engine.tokenizer)
             else:
                 prompt = body.get("prompt")
                 if isinstance(prompt, list) and len(prompt) == 1:
@@ -219,6 +226,10 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 256):
                 if not isinstance(prompt, str) or not prompt:
                     raise BadRequest("prompt: expected a non-empty string", "prompt")
             sampling, n = parse_sampling(body, engine.model.config.context_length)
+            options = body.get("stream_options") or {}
+            if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+                raise BadRequest(f"stream_options: expected {{\"include_usage\": true|false}}, got {options!r}",
+                                 "stream_options")  # fmt: skip
             runner, aio = engine_loop(), asyncio.get_running_loop()
             streams, ids = [], []
             for i in range(n):
@@ -232,6 +243,11 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 256):
         prompt_tokens = len(engine.tokenizer.encode(prompt))
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         kind = "chat.completion" if chat else "text_completion"
+
+        def usage() -> dict:
+            completion = sum(stream.completion_tokens for stream in streams)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                    "total_tokens": prompt_tokens + completion}  # fmt: skip
 
         def choice(index: int, text: str, reason, delta: bool) -> dict:
             if not chat:
@@ -260,6 +276,10 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 256):
                         chunk = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
                                  "model": model_name, "choices": [choice(index, piece, reason, True)]}  # fmt: skip
                         yield f"data: {json.dumps(chunk)}\n\n"
+                    if options.get("include_usage"):  # as OpenAI sends it: no choices, the request's usage
+                        chunk = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
+                                 "model": model_name, "choices": [], "usage": usage()}  # fmt: skip
+                        yield f"data: {json.dumps(chunk)}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:  # the client went away (or we are done): nothing is left running
                     for task in tasks:
@@ -279,12 +299,9 @@ def create_app(engine: Engine, model_name: str, max_queue: int = 256):
         finally:
             for request_id in ids:
                 runner.cancel(request_id)
-        completion = sum(stream.completion_tokens for stream in streams)
         return JSONResponse({
             "id": rid, "object": kind, "created": created, "model": model_name,
-            "choices": [choice(i, t, r, False) for i, (t, r) in enumerate(outputs)],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": prompt_tokens + completion},
+            "choices": [choice(i, t, r, False) for i, (t, r) in enumerate(outputs)], "usage": usage(),
         })  # fmt: skip
 
     async def completions(request: Request):

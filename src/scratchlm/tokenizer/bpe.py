@@ -51,6 +51,12 @@ class _PieceCache(dict):
         return ids
 
 
+def _raise_template_error(message: str):
+    import jinja2
+
+    raise jinja2.TemplateError(message)
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer.
 
@@ -214,13 +220,19 @@ class Tokenizer:
         rendered as `transformers` renders it (Jinja2, sandboxed)."""
         if self.chat_template is None:
             raise ScratchLMError("this tokenizer has no chat template")
+        import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
-        template = env.from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, eos_token=self.end_token)
+        env.globals["raise_exception"] = _raise_template_error  # as transformers gives templates
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   eos_token=self.end_token)  # fmt: skip
+        except jinja2.TemplateError as exc:
+            raise ScratchLMError(f"the chat template refused the messages ({exc})") from None
 
     @property
     def fingerprint(self) -> str:
