@@ -140,3 +140,53 @@ def test_fit_command_prints_predictions_and_writes_plots(tmp_path):
         assert (tmp_path / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = subprocess.run(command, capture_output=True, text=True).stdout
     assert "approach 2 (IsoFLOP parabolas): N_opt ∝ C^" in table and "prediction at 1.000e+18 FLOPs:" in table
+
+
+def test_candidate_shapes_are_judged_with_their_own_flops_per_token():
+    from scratchlm.scaling.fit import Candidate
+
+    # the same N with a costlier token (a wide LM head) gets fewer tokens at the same budget
+    target = 1e18
+    n_opt = SYNTHETIC.optimum(target)["n_opt"]
+    candidates = [
+        Candidate("small", n_opt / 4, 6 * n_opt / 4),
+        Candidate("right", n_opt, 6 * n_opt),
+        Candidate("right, costly head", n_opt, 9 * n_opt),
+        Candidate("big", n_opt * 4, 24 * n_opt),
+    ]
+    report = fit_all(grid(SYNTHETIC, BUDGETS), target, bootstrap=5, candidates=candidates)
+    values = report["approaches"]["approach 3"]["values"]
+    for c in candidates:
+        expected = SYNTHETIC.loss(c.parameters, target / c.flops_per_token)
+        assert values[f"loss of {c.label}"] == pytest.approx(float(expected), rel=1e-4)
+    assert values["loss of right, costly head"] > values["loss of right"]
+    assert values["best candidate n"] == pytest.approx(n_opt) and values["best candidate d"] == pytest.approx(
+        target / (6 * n_opt))  # fmt: skip
+    assert report["candidates"][2] == {"label": "right, costly head", "parameters": n_opt, "flops_per_token": 9 * n_opt}
+
+
+def test_fit_shapes_come_from_a_sweep_file_with_the_accounting(tmp_path):
+    from scratchlm.accounting import training_flops_per_token
+    from scratchlm.model import ModelConfig
+    from scratchlm.scaling.sweep import load_sweep, shape_candidates
+
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text('name = "s"\nout_dir = "o"\nbudgets = [1e13]\n[set]\n"model.vocab_size" = 4096\n'
+                     '[[shapes]]\n"model.d_model" = 64\n"model.n_layers" = 2\n"model.n_heads" = 2\n"optim.lr" = 0.01\n'
+                     '[[shapes]]\n"model.d_model" = 64\n"model.n_layers" = 2\n"model.n_heads" = 2\n"optim.lr" = 0.02\n'
+                     '[[shapes]]\n"model.d_model" = 128\n"model.n_layers" = 3\n"model.n_heads" = 4\n')  # fmt: skip
+    small, large = shape_candidates(load_sweep(sweep))  # the two lr's of one shape are one candidate
+    model = ModelConfig(vocab_size=4096, d_model=128, n_layers=3, n_heads=4)
+    d_ff = model.d_ff
+    assert large.parameters == 3 * (4 * 128 * 128 + 3 * 128 * d_ff)  # per block: attention 4 d^2, SwiGLU 3 d d_ff
+    assert large.flops_per_token == training_flops_per_token(model)
+    assert small.label == "d_model=64, n_layers=2, n_heads=2"
+    data = tmp_path / "runs.json"
+    data.write_text(json.dumps([{"parameters": r.parameters, "tokens": r.tokens, "compute": r.compute, "loss": r.loss}
+                                for r in grid(SYNTHETIC, BUDGETS)]))  # fmt: skip
+    command = [sys.executable, "-m", "scratchlm.cli", "fit", str(data), "--bootstrap", "3", "--shapes", str(sweep)]
+    done = subprocess.run([*command, "--predict", "1e16"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "for each candidate shape" in done.stdout and "d_model=128, n_layers=3, n_heads=4" in done.stdout
+    refused = subprocess.run(command, capture_output=True, text=True)
+    assert refused.returncode == 1 and "--shapes: give --predict FLOPs too" in refused.stderr

@@ -339,7 +339,14 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
     runs = load_runs(args.data)
     fits = fit_approaches(runs)
-    report = fit_all(runs, args.predict, args.bootstrap, args.seed, fits)
+    candidates = []
+    if args.shapes:
+        from scratchlm.scaling.sweep import load_sweep, shape_candidates
+
+        if args.predict is None:
+            raise ScratchLMError("--shapes: give --predict FLOPs too (the budget to choose a shape for)")
+        candidates = shape_candidates(load_sweep(args.shapes))
+    report = fit_all(runs, args.predict, args.bootstrap, args.seed, fits, candidates)
     if args.plots:
         out, frontiers = Path(args.plots), {k: fits[k] for k in ("approach 1", "approach 2")}
         report["plots"] = [
@@ -777,6 +784,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--predict", type=number(float, 0, low_open=True), help="a compute budget (FLOPs) to predict at")
     fit.add_argument("--bootstrap", type=number(int, 0), default=200, help="resamples for the intervals (default 200)")
     fit.add_argument("--seed", type=number(int, 0), default=0)
+    fit.add_argument("--shapes", metavar="SWEEP", help="a sweep file whose shapes approach 3 compares at --predict, "
+                     "each with its exact FLOPs per token")  # fmt: skip
     fit.add_argument("--plots", metavar="DIR", help="write isoflops.png and frontier.png into DIR")
     fit.add_argument("--json", action="store_true", help="machine-readable output")
     fit.set_defaults(func=cmd_fit)

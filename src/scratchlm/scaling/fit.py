@@ -220,11 +220,28 @@ def fit_approaches(runs: list[Run]) -> dict[str, Frontier | Parametric]:
     return {"approach 1": envelope(runs), "approach 2": isoflop_parabolas(runs), "approach 3": parametric(runs)}
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A model shape the prediction may choose: its N and its exact training FLOPs per token (attention
+    and the LM head included, which C = 6 N D leaves out and which matter for small models)."""
+
+    label: str
+    parameters: float
+    flops_per_token: float
+
+
 def fit_all(
-    runs: list[Run], target: float | None = None, bootstrap: int = 200, seed: int = 0, fits: dict | None = None
+    runs: list[Run],
+    target: float | None = None,
+    bootstrap: int = 200,
+    seed: int = 0,
+    fits: dict | None = None,
+    candidates: list[Candidate] = (),
 ) -> dict:
     """The three approaches (`fits`, fitted here if not given), their parameters and (for `target` FLOPs)
-    predictions, each with a 95% bootstrap interval from `bootstrap` resamples."""
+    predictions, each with a 95% bootstrap interval from `bootstrap` resamples. With `candidates`,
+    approach 3 also predicts the loss of each candidate shape trained on target / its FLOPs per token
+    tokens, and which of them is best."""
     rng = np.random.default_rng(seed)
     fits = fits or fit_approaches(runs)
     report = {}
@@ -238,23 +255,30 @@ def fit_all(
                     again = (envelope if name == "approach 1" else isoflop_parabolas)(_resample(runs, rng, True))
             except (ScratchLMError, np.linalg.LinAlgError, ValueError):
                 continue  # a resample without enough distinct runs
-            for key, value in _summary(again, target).items():
+            for key, value in _summary(again, target, candidates).items():
                 samples.setdefault(key, []).append(value)
-        summary = _summary(fitted, target)
+        summary = _summary(fitted, target, candidates)
         report[name] = {
             "fit": _describe(fitted),
             "values": summary,
             "intervals": {key: _interval(samples.get(key, [])) for key in summary},
             "bootstrap": {"resamples": bootstrap, "used": len(next(iter(samples.values()), []))},
         }
-    return {"runs": len(runs), "budgets": sorted(by_budget(runs)), "target": target, "approaches": report}
+    return {"runs": len(runs), "budgets": sorted(by_budget(runs)), "target": target, "approaches": report,
+            "candidates": [asdict(c) for c in candidates]}  # fmt: skip
 
 
-def _summary(fitted: Frontier | Parametric, target: float | None) -> dict[str, float]:
+def _summary(fitted: Frontier | Parametric, target: float | None, candidates: list[Candidate] = ()) -> dict:
     if isinstance(fitted, Parametric):
         values = {k: v for k, v in asdict(fitted).items()}
         a, b = fitted.alpha, fitted.beta
         values["n_opt exponent"], values["d_opt exponent"] = b / (a + b), a / (a + b)
+        if target is not None and candidates:
+            losses = [float(fitted.loss(c.parameters, target / c.flops_per_token)) for c in candidates]
+            for c, loss in zip(candidates, losses, strict=True):
+                values[f"loss of {c.label}"] = loss
+            best = candidates[int(np.argmin(losses))]
+            values["best candidate n"], values["best candidate d"] = best.parameters, target / best.flops_per_token
     else:
         values = {"n_opt exponent": fitted.n_law.exponent, "n_opt coefficient": fitted.n_law.coefficient,
                   "d_opt exponent": fitted.d_law.exponent, "d_opt coefficient": fitted.d_law.coefficient}  # fmt: skip

@@ -39,6 +39,18 @@ def format_fit(report: dict) -> str:
             if "predicted loss" in v:
                 text += f", loss {_with_interval(v, i, 'predicted loss', '.4f')}"
             lines.append(text)
+    if report["target"] is not None and "best candidate n" in a["approach 3"]["values"]:
+        v, i = a["approach 3"]["values"], a["approach 3"]["intervals"]
+        lines += ["", f"approach 3 at {report['target']:.3e} FLOPs for each candidate shape (tokens = budget / its "
+                  "training FLOPs per token):"]  # fmt: skip
+        for candidate in report["candidates"]:
+            tokens = report["target"] / candidate["flops_per_token"]
+            loss = _with_interval(v, i, f"loss of {candidate['label']}", ".4f")
+            lines.append(
+                f"  {candidate['label']:<40} N {candidate['parameters']:10.4g}  tokens {tokens:10.4g}  loss {loss}"
+            )
+        lines.append(f"  best: N {_with_interval(v, i, 'best candidate n', '.4g')}, "
+                     f"tokens {_with_interval(v, i, 'best candidate d', '.4g')}")  # fmt: skip
     if report.get("plots"):
         lines += ["", "plots: " + ", ".join(report["plots"])]
     return "\n".join(lines)

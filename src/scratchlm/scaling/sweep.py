@@ -146,6 +146,21 @@ def plan(spec: SweepSpec) -> list[PlannedRun]:
     return runs
 
 
+def shape_candidates(spec: SweepSpec) -> list:
+    """The sweep's distinct model shapes as candidates for a prediction (`fit.Candidate`): N as the fits
+    count it and the exact training FLOPs per token of each."""
+    from scratchlm.scaling.fit import Candidate
+
+    out: dict[str, Candidate] = {}
+    for shape in spec.shapes:
+        model_fields = {k: v for k, v in shape.items() if k.startswith("model.")}
+        config = load_config(spec.base_config, [_set(k, v) for k, v in {**spec.set, **model_fields}.items()])
+        m = config.model
+        label = ", ".join(f"{k.removeprefix('model.')}={v}" for k, v in model_fields.items())
+        out[label] = Candidate(label, matmul_parameters(m) - m.vocab_size * m.d_model, training_flops_per_token(m))
+    return list(out.values())
+
+
 def write_plan(run: PlannedRun) -> Path:
     """The run's resolved config, in its directory, for the job to train from."""
     path = run.run_dir / PLAN
