@@ -30,6 +30,7 @@ class IdTokenizer:
     def __init__(self, vocab_size: int, prompt: list[int]) -> None:
         self.vocab = {i: b"." for i in range(vocab_size)}
         self.special_ids: dict[str, int] = {}
+        self.end_id: int | None = None  # never stops early
         self.prompt = prompt
 
     def encode(self, text: str) -> list[int]:

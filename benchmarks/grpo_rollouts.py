@@ -33,6 +33,7 @@ class NoStopTokenizer:
     def __init__(self, vocab_size: int) -> None:
         self.vocab = {i: bytes([i % 256]) for i in range(vocab_size)}
         self.special_ids: dict[str, int] = {}
+        self.end_id: int | None = None  # never stops early
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode())

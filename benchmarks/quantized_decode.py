@@ -117,7 +117,10 @@ def main() -> None:
     print(f"machine: {machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     from scratchlm.model import kernels
 
-    print(f"int8 kernel: {kernels._quant.PATH if kernels.HAVE_C_INT8 else 'PyTorch (no C extension)'}")
+    print(
+        f"int8 kernel: {kernels._quant.PATH if kernels.HAVE_C_INT8 else 'PyTorch (no C extension)'}, "
+        f"bf16 kernel: {kernels._quant.BF16_PATH if kernels.HAVE_C_INT8 else 'PyTorch'}"
+    )
     rows: list = []
     for shape in args.shapes.split(","):
         decode_speed(rows, shape)

@@ -34,6 +34,7 @@ class IdTokenizer:
     def __init__(self, vocab_size: int) -> None:
         self.vocab = {i: b"." for i in range(vocab_size)}
         self.special_ids: dict[str, int] = {}
+        self.end_id: int | None = None  # never stops early
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in text.split()]

@@ -32,7 +32,7 @@ def test_int8_kernel_equals_the_same_arithmetic_in_pytorch(rows, d_in, monkeypat
     torch.testing.assert_close(ours, kernels.int8_linear(x, q, scale), rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows,d_in,d_out", [(1, 64, 48), (3, 203, 50), (8, 1000, 7)])  # tails of 8 and of 4 channels
+@pytest.mark.parametrize("rows,d_in,d_out", [(1, 64, 48), (3, 203, 50), (8, 1000, 7)])  # lane tails; 4-channel tails
 def test_bf16_kernel_against_linear_on_the_rounded_weights(rows, d_in, d_out, monkeypatch):
     torch.manual_seed(d_in)
     x, w = torch.randn(rows, d_in), torch.randn(d_out, d_in).to(torch.bfloat16)
@@ -88,3 +88,32 @@ def test_decoding_with_int8_weights_follows_float32():
     torch.testing.assert_close(decode_logits(), model(ids), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="decode weights: expected one of float32, bfloat16, int8, got 'int4'"):
         set_decode_weights(model, "int4")
+
+
+def test_every_instruction_set_path_gives_the_same_products(tmp_path):
+    """AVX-512 (VNNI for int8), AVX2 and plain C, as this CPU has them ($SCRATCHLM_SIMD caps the choice):
+    int8 products are integer sums, so every path gives the same bits; bf16 ones differ only in the order
+    of float32 additions."""
+    import subprocess
+    import sys
+
+    if not kernels.HAVE_C_INT8:
+        pytest.skip("the C extension _quant is not built")
+    script = (
+        "import sys, torch; from scratchlm.model import kernels\n"
+        "torch.manual_seed(0); x, w = torch.randn(3, 203), torch.randn(50, 203)\n"
+        "q, s = kernels.quantize_int8(w)\n"
+        "torch.save({'paths': (kernels._quant.PATH, kernels._quant.BF16_PATH), 'int8': kernels.int8_linear(x, q, s),"
+        " 'bf16': kernels.bf16_linear(x, w.to(torch.bfloat16))}, sys.argv[1])\n"
+    )
+    results = {}
+    for cap in ("", "avx2", "c"):
+        out = tmp_path / f"{cap or 'best'}.pt"
+        env = {**__import__("os").environ, "SCRATCHLM_SIMD": cap}
+        done = subprocess.run([sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        results[cap] = torch.load(out)
+    assert results["c"]["paths"] == ("c", "plain")
+    for cap in ("", "avx2"):
+        assert torch.equal(results[cap]["int8"], results["c"]["int8"]), results[cap]["paths"]
+        torch.testing.assert_close(results[cap]["bf16"], results["c"]["bf16"], rtol=1e-5, atol=1e-5)

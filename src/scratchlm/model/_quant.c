@@ -11,7 +11,7 @@
  * instruction), AVX2, or plain C; each computes four output channels at once.
  *
  * bf16_linear: weights in bfloat16 (half the bytes of float32), x kept in float32, products summed in
- * float32 (AVX2 + FMA, or plain C). A decoding step reads each weight once for all its rows: a quarter
+ * float32 (AVX-512F, AVX2 + FMA, or plain C: `BF16_PATH`). A decoding step reads each weight once for all its rows: a quarter
  * of the bytes of float32, which is what bounds the speed of decoding.
  */
 #include "_cpu.h"
@@ -74,14 +74,23 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void dot4_vnni(con
 }
 #endif
 
+/* The widest instruction set to use: the CPU's best unless $SCRATCHLM_SIMD caps it ("avx2" or "c"), so
+ * that tests and benchmarks can run every path on one machine. 2 = AVX-512, 1 = AVX2, 0 = plain C. */
+static int simd_cap(void) {
+    const char *cap = getenv("SCRATCHLM_SIMD");
+    if (cap && !strcmp(cap, "c")) return 0;
+    if (cap && !strcmp(cap, "avx2")) return 1;
+    return 2;
+}
+
 static Dot4Fn best_dot4(const char **name) {
 #ifdef X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")) {
+    if (simd_cap() >= 2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")) {
         *name = "avx512-vnni";
         return dot4_vnni;
     }
-    if (__builtin_cpu_supports("avx2")) {
+    if (simd_cap() >= 1 && __builtin_cpu_supports("avx2")) {
         *name = "avx2";
         return dot4_avx2;
     }
@@ -200,9 +209,30 @@ __attribute__((target("avx2,fma"))) static void bf16_dot4_avx2(const float *x, c
     for (int k = 0; k < 4; k++)
         for (int64_t j = i; j < d; j++) out[k] += bf16_to_float(w[k * d + j]) * x[j];
 }
+
+/* AVX-512F: the same widening (a bf16 is the top half of a float) over 16 lanes; the products and their
+ * sums stay float32, so the result differs from the AVX2 path only in the order of the additions. */
+__attribute__((target("avx512f"))) static void bf16_dot4_avx512(const float *x, const uint16_t *w, int64_t d,
+                                                                float out[4]) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int64_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + i);
+        for (int k = 0; k < 4; k++) {
+            const __m256i h = _mm256_loadu_si256((const __m256i *)(w + k * d + i));
+            const __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            acc[k] = _mm512_fmadd_ps(wv, xv, acc[k]);
+        }
+    }
+    for (int k = 0; k < 4; k++) {
+        out[k] = _mm512_reduce_add_ps(acc[k]);
+        for (int64_t j = i; j < d; j++) out[k] += bf16_to_float(w[k * d + j]) * x[j];
+    }
+}
 #endif
 
 static Bf16Dot4Fn bf16_dot4;
+static const char *bf16_name = "plain";
 
 typedef struct {
     const float *x;    /* (rows, d_in) */
@@ -257,10 +287,17 @@ PyMODINIT_FUNC PyInit__quant(void) {
     dot4_int8 = best_dot4(&dot_name);
     bf16_dot4 = bf16_dot4_plain;
 #ifdef X86
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) bf16_dot4 = bf16_dot4_avx2;
+    if (simd_cap() >= 2 && __builtin_cpu_supports("avx512f")) {
+        bf16_dot4 = bf16_dot4_avx512;
+        bf16_name = "avx512";
+    } else if (simd_cap() >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        bf16_dot4 = bf16_dot4_avx2;
+        bf16_name = "avx2";
+    }
 #endif
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddStringConstant(m, "PATH", dot_name) < 0) {
+    if (m && (PyModule_AddStringConstant(m, "PATH", dot_name) < 0 ||
+              PyModule_AddStringConstant(m, "BF16_PATH", bf16_name) < 0)) {
         Py_DECREF(m);
         return NULL;
     }
