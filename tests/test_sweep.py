@@ -119,6 +119,30 @@ def test_an_interrupted_run_resumes_where_it_stopped(data_dir, tmp_path):
     assert json.loads((run.run_dir / "result.json").read_text())["steps"] == run.steps
 
 
+def test_stopping_the_sweep_alone_stops_its_runs_with_a_checkpoint(data_dir, tmp_path):
+    """SIGTERM to the sweep's process only (as a scheduler sends it), even one started with SIGINT
+    ignored (a background job): it starts no more runs, the running one saves a checkpoint and exits,
+    and the sweep says so and exits 130 (resuming from that checkpoint: the test above)."""
+    path = tmp_path / "sweep.toml"
+    text = spec_text(data_dir, tmp_path / "out", "[4e9]").replace("seeds = [0]", "seeds = [0]\ncheckpoints = 1000")
+    path.write_text(text)
+    runs = plan(load_sweep(path))
+    command = [sys.executable, "-m", "scratchlm.cli", "sweep", "run", str(path)]
+    sweep_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+    deadline = time.time() + 120
+    while not list((runs[0].run_dir / "checkpoints").glob("step_*.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    sweep_process.send_signal(signal.SIGTERM)
+    output, _ = sweep_process.communicate(timeout=60)
+    assert sweep_process.returncode == 130, output
+    assert f"{runs[0].key}: interrupted (its checkpoint resumes it)" in output
+    assert "sweep tiny stopped: 0 of 2 runs done; run it again to go on" in output
+    assert not (runs[1].run_dir / "checkpoints").exists()  # the second run never started
+    status = sweep("status", str(path))
+    assert "0 running, 1 started (resumable), 1 left" in status.stdout  # nothing is left running
+
+
 def test_the_ray_executor_runs_jobs_on_a_local_instance(tmp_path):
     pytest.importorskip("ray")
     from scratchlm.executor import RayExecutor

@@ -365,7 +365,7 @@ def _sweep_runs(args: argparse.Namespace):
 
 def cmd_sweep_run(args: argparse.Namespace) -> None:
     import_torch()
-    from scratchlm.executor import Job, LocalExecutor, RayExecutor, python_command
+    from scratchlm.executor import INTERRUPTED, Job, LocalExecutor, RayExecutor, python_command
     from scratchlm.scaling.sweep import collect, read_result, write_plan
 
     spec, runs = _sweep_runs(args)
@@ -388,6 +388,9 @@ def cmd_sweep_run(args: argparse.Namespace) -> None:
         nonlocal finished
         run = by_key[job.name]
         result = read_result(run)
+        if status == INTERRUPTED:
+            print(f"  {job.name}: interrupted (its checkpoint resumes it); log: {job.log}", flush=True)
+            return
         if status or result is None:
             failed.append(f"{job.name} (exit {status}; see {job.log})")
             print(f"  {job.name}: failed (exit {status}); log: {job.log}", flush=True)
@@ -397,14 +400,23 @@ def cmd_sweep_run(args: argparse.Namespace) -> None:
         print(f"  [{finished}/{len(runs)}] {run.budget:.2e} FLOPs, {labels}, seed {run.seed}: "
               f"val loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits/byte", flush=True)  # fmt: skip
 
-    if args.executor == "ray":
-        executor = RayExecutor(args.ray_address, num_cpus=threads, local_cpus=os.cpu_count())
-        try:
-            executor.run(jobs, done)
-        finally:
-            executor.shutdown()
-    else:
-        LocalExecutor(workers).run(jobs, done)
+    # Ctrl-C, or SIGINT / SIGTERM sent to this process alone (even when started in the background with
+    # SIGINT ignored): stop starting runs, let the running ones save a checkpoint, keep what is done
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        if args.executor == "ray":
+            executor = RayExecutor(args.ray_address, num_cpus=threads, local_cpus=os.cpu_count())
+            try:
+                executor.run(jobs, done)
+            finally:
+                executor.shutdown()
+        else:
+            LocalExecutor(workers).run(jobs, done)
+    except KeyboardInterrupt:
+        results = collect(spec, runs)
+        print(f"sweep {spec.name} stopped: {len(results)} of {len(runs)} runs done; run it again to go on", flush=True)
+        raise
     results = collect(spec, runs)
     print(f"results: {len(results)} runs in {Path(spec.out_dir) / 'results.json'} and results.csv")
     if failed:

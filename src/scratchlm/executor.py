@@ -4,8 +4,11 @@ at once as asked; `RayExecutor` hands them to a Ray cluster (`pip install "scrat
 Ray instance when no address is given).
 
 Ctrl-C reaches every process of the terminal's group: map workers ignore it and the parent alone
-stops, cancelling what is queued, so the user sees one line, not a traceback from each worker. A job
-(a `scratchlm train`) gets the Ctrl-C too, saves a checkpoint and exits, so the next run resumes it.
+stops, cancelling what is queued, so the user sees one line, not a traceback from each worker. Jobs
+run in sessions of their own, so a stop reaches them only through the executor: when the parent is
+interrupted (Ctrl-C, or SIGINT / SIGTERM sent to it alone), it starts no more jobs and sends each running
+one SIGINT, once per stop, so a `scratchlm train` saves a checkpoint and exits (the next run resumes it);
+a second Ctrl-C makes them stop at once.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -75,29 +79,65 @@ def run_job(job: Job) -> int:
         ).returncode
 
 
+INTERRUPTED = 130  # a job's exit status after a stop (and of jobs never started because of one)
+
+
 def python_command(*args: str) -> list[str]:
     """`python -m ...` with this interpreter (the same environment on every worker of this machine)."""
     return [sys.executable, *args]
 
 
 class LocalExecutor:
-    """Jobs as local processes, `workers` at once."""
+    """Jobs as local processes, `workers` at once, each in a session of its own."""
 
     def __init__(self, workers: int = 1) -> None:
         self.workers = max(1, workers)
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
+        self._stopping = False
+
+    def _run(self, job: Job) -> int:
+        job.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(job.log, "ab") as log:
+            with self._lock:
+                if self._stopping:
+                    return INTERRUPTED
+                process = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT,
+                                           env={**os.environ, **job.env}, start_new_session=True)  # fmt: skip
+                self._running.add(process)
+            try:
+                return process.wait()
+            finally:
+                with self._lock:
+                    self._running.discard(process)
+
+    def _interrupt(self, stop: bool = True) -> None:
+        with self._lock:
+            self._stopping = self._stopping or stop
+            for process in self._running:
+                process.send_signal(signal.SIGINT)
 
     def run(self, jobs: list[Job], on_done: Callable[[Job, int], None]) -> None:
-        """Run every job; `on_done(job, exit status)` as each ends, in the order they end."""
+        """Run every job; `on_done(job, exit status)` as each ends, in the order they end. On a stop
+        (KeyboardInterrupt here) the running jobs are interrupted and waited for, then it is raised."""
         with ThreadPoolExecutor(self.workers) as pool:
-            pending = {pool.submit(run_job, job): job for job in jobs}
+            pending = {pool.submit(self._run, job): job for job in jobs}
             try:
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for future in done:
                         on_done(pending.pop(future), future.result())
-            except BaseException:  # Ctrl-C: the running jobs got it too and are saving; start no more
-                for future in pending:
-                    future.cancel()
+            except BaseException:
+                self._interrupt()
+                left = {future: job for future, job in pending.items() if not future.cancel()}
+                while left:  # the running jobs save their checkpoints and exit
+                    try:
+                        done, _ = wait(left, return_when=FIRST_COMPLETED)
+                    except KeyboardInterrupt:  # a second Ctrl-C: they stop at once
+                        self._interrupt()
+                        continue
+                    for future in done:
+                        on_done(left.pop(future), future.result())
                 raise
 
 
