@@ -24,11 +24,12 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
     return Tokenizer(vocab, merges, ["<|endoftext|>"])
 
 
-def model(**options) -> TransformerLM:
+def model(vocab_size: int = 320, **options) -> TransformerLM:
     """320 embedding rows for a 300-token tokenizer (padding, as a rounded-up vocab has); non-trivial
     norm gains, so a mix-up of norms would show."""
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=320, context_length=32, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, **options)
+    config = ModelConfig(vocab_size=vocab_size, context_length=32, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                         **options)  # fmt: skip
     m = TransformerLM(config).eval()
     with torch.no_grad():
         for name, p in m.named_parameters():

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import synthetic_text
+from test_gguf import model as gguf_model
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.model import ModelConfig, TransformerLM
+from scratchlm.model import TransformerLM
 from scratchlm.tokenizer.bpe import Tokenizer
 from scratchlm.tokenizer.formats import PRETOKENIZER_JSON
 from scratchlm.tokenizer.trainer import train_bpe
@@ -48,16 +49,7 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
 
 
 def model(**options) -> TransformerLM:
-    torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=416, context_length=32, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, rope_theta=5e4, **options
-    )
-    m = TransformerLM(config).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "ln" in name:
-                p.mul_(1 + 0.2 * torch.randn_like(p))
-    return m
+    return gguf_model(vocab_size=416, rope_theta=5e4, **options)
 
 
 def run_cli(*args) -> str:
