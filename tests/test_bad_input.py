@@ -220,7 +220,7 @@ CASES = [
     Case("workers-zero", ["tokenizer", "train", "--workers", "0"], ("--workers", ">= 1"), exit_code=2),
     Case("empty-special", ["tokenizer", "train", "--corpus", "corpus", "--special-token", "", "--out", "cases/t"], ("special token ''", "non-empty")),
     Case("corpus-missing", ["tokenizer", "train", "--corpus", "missing.txt", "--out", "cases/t"], ("corpus not found: missing.txt",)),
-    Case("corpus-empty-dir", ["tokenizer", "train", "--corpus", "emptydir", "--out", "cases/t"], ("emptydir", "no *.txt files")),
+    Case("corpus-empty-dir", ["tokenizer", "train", "--corpus", "emptydir", "--out", "cases/t"], ("emptydir", "no *.txt or *.txt.gz files")),
     Case("corpus-empty-file", ["tokenizer", "train", "--corpus", "empty.txt", "--out", "cases/t"], ("the corpus is empty", "empty.txt")),
     Case("corpus-not-utf8", ["tokenizer", "train", "--corpus", "latin1.txt", "--out", "cases/t"], ("latin1.txt", "not valid UTF-8 at byte 7")),
     Case("train-out-is-file", ["tokenizer", "train", "--corpus", "corpus", "--out", "a_regular_file"], ("a_regular_file", "is not a directory")),

@@ -118,14 +118,27 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 def test_configs_in_the_repo_load():
-    """Every training config in configs/ loads; curation configs (curate*.toml) are tested in test_curate."""
+    """Every training config in configs/ loads, and every sweep file (sweep-*.toml) plans; curation configs
+    (curate*.toml) are tested in test_curate."""
+    import os
     from pathlib import Path
 
-    paths = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
-    training = [path for path in paths if not path.name.startswith("curate")]
-    assert training
+    from scratchlm.scaling.sweep import load_sweep, plan
+
+    root = Path(__file__).parents[1]
+    paths = sorted((root / "configs").glob("*.toml"))
+    training = [path for path in paths if not path.name.startswith(("curate", "sweep-"))]
+    sweeps = [path for path in paths if path.name.startswith("sweep-")]
+    assert training and sweeps
     for path in training:
         assert isinstance(load_config(path), TrainConfig)
+    cwd = os.getcwd()
+    os.chdir(root)  # sweep files name their base config relative to the repository
+    try:
+        for path in sweeps:
+            assert plan(load_sweep(path)), path
+    finally:
+        os.chdir(cwd)
 
 
 def test_checkpoints_load_without_executing_code(data_dir, tmp_path):
