@@ -4,6 +4,7 @@ and run through the local and the Ray executor; their results feed `scratchlm fi
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 from scratchlm.accounting import training_flops_per_token
 from scratchlm.errors import ScratchLMError
 from scratchlm.executor import Job, LocalExecutor, python_command
-from scratchlm.scaling.sweep import load_sweep, plan, write_plan
+from scratchlm.scaling.sweep import import_results, load_sweep, plan, write_plan
 from scratchlm.train.metrics import read_metrics
 
 
@@ -88,6 +89,22 @@ def test_a_sweep_runs_skips_what_is_done_and_extends(data_dir, tmp_path):
     assert "parameters,parameters_with_embeddings" in (tmp_path / "out" / "results.csv").read_text()
     again = sweep("run", str(path))
     assert again.returncode == 0 and "4 runs, 4 done, 0 to run" in again.stdout
+    # on a new machine (the run directories gone), the committed results.csv counts its runs as done
+    committed = tmp_path / "committed.csv"
+    committed.write_text((tmp_path / "out" / "results.csv").read_text())
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps([{**results[0], "key": "0123456789ab"}]))
+    shutil.rmtree(tmp_path / "out")
+    imported = sweep("import", str(path), str(committed))
+    assert imported.returncode == 0, imported.stderr
+    assert "imported 4 finished runs" in imported.stdout and "4 of 4 runs done" in imported.stdout
+    assert sorted(json.loads((tmp_path / "out" / "results.json").read_text()), key=lambda r: r["key"]) == sorted(
+        results, key=lambda r: r["key"])  # the CSV's numbers read back as they were written  # fmt: skip
+    assert "imported 0 finished runs from" in (twice := sweep("import", str(path), str(committed)).stdout)
+    assert "(4 already done here, 0 not planned by this sweep)" in twice
+    other = sweep("import", str(path), str(foreign)).stdout
+    assert "imported 0 finished runs" in other and "1 not planned by this sweep" in other
+    assert "4 runs, 4 done, 0 to run" in sweep("run", str(path)).stdout
     path.write_text(spec_text(data_dir, tmp_path / "out", "[3e8, 9e8, 2e9]"))
     status = sweep("status", str(path))
     assert "6 runs: 4 done, 0 running, 0 started (resumable), 2 left" in status.stdout
@@ -186,3 +203,20 @@ def test_bad_sweep_files_are_named(data_dir, tmp_path, edit, message):
     path.write_text(edit(spec_text(data_dir, tmp_path / "out")))
     with pytest.raises(ScratchLMError, match=re.escape(message)):
         plan(load_sweep(path))
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "message"),
+    [
+        ("key,val_loss\nabc,4.2\n", "r.csv", "r.csv, run 0: val_bpb is missing"),
+        ('{"runs": 3}', "r.json", "expected a sweep's results"),
+        ("[{", "r.json", "not valid JSON"),
+    ],
+)
+def test_bad_results_to_import_are_named(data_dir, tmp_path, content, name, message):
+    path = tmp_path / "sweep.toml"
+    path.write_text(spec_text(data_dir, tmp_path / "out"))
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ScratchLMError, match=re.escape(message)):
+        import_results(plan(load_sweep(path)), tmp_path / name)
+    assert not (tmp_path / "out").exists()  # nothing written

@@ -2,7 +2,7 @@
 
 speedrun (all of it) = tokenizer train|encode|stats -> data prepare -> train -> eval -> generate -> export;
 account (costs before you spend them), bench (time, profile and memory, measured),
-sweep run|status -> fit (scaling laws), curate (data), align sft|ei|grpo|dpo|eval|speedrun (alignment)
+sweep run|import|status -> fit (scaling laws), curate (data), align sft|ei|grpo|dpo|eval|speedrun (alignment)
 """
 
 from __future__ import annotations
@@ -423,6 +423,16 @@ def cmd_sweep_run(args: argparse.Namespace) -> None:
         raise ScratchLMError(f"{len(failed)} runs failed: {'; '.join(failed)}")
 
 
+def cmd_sweep_import(args: argparse.Namespace) -> None:
+    from scratchlm.scaling.sweep import collect, import_results
+
+    spec, runs = _sweep_runs(args)
+    imported, present, foreign = import_results(runs, Path(args.results))
+    results = collect(spec, runs)
+    print(f"sweep {spec.name}: imported {imported} finished runs from {args.results} ({present} already done here, "
+          f"{foreign} not planned by this sweep); {len(results)} of {len(runs)} runs done")  # fmt: skip
+
+
 def cmd_sweep_status(args: argparse.Namespace) -> None:
     from scratchlm.lock import is_locked
     from scratchlm.scaling.sweep import read_result
@@ -787,6 +797,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_run.add_argument("--workers", type=number(int, 1), default=1, help="runs at once (default 1)")
     sweep_run.add_argument("--ray-address", help="a Ray cluster (default: a local Ray instance)")
     sweep_run.set_defaults(func=cmd_sweep_run)
+    sweep_import = sweep_cmds.add_parser("import", help="count runs finished elsewhere (a results.json / .csv) as done")
+    sweep_import.add_argument("spec", help="the sweep file (TOML)")
+    sweep_import.add_argument("results", help="results.json or results.csv of this sweep, from another machine")
+    sweep_import.set_defaults(func=cmd_sweep_import)
     sweep_status = sweep_cmds.add_parser("status", help="done / running / left, and the FLOPs spent")
     sweep_status.add_argument("spec", help="the sweep file (TOML)")
     sweep_status.set_defaults(func=cmd_sweep_status)

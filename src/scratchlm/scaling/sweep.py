@@ -200,6 +200,62 @@ def read_result(run: PlannedRun) -> dict | None:
         return None
 
 
+def _csv_value(column: str, text: str) -> Any:
+    """A results.csv cell as `collect` wrote it: "" for None, Python's int and float reprs, strings."""
+    if text == "":
+        return None
+    if column == "key":
+        return text
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_results_file(path: Path) -> list[dict]:
+    """The records of a sweep's results.json or results.csv (as `collect` writes them)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ScratchLMError(f"{path}: no such file") from None
+    if path.suffix.lower() == ".csv":
+        rows = [{k: _csv_value(k, v or "") for k, v in row.items()} for row in csv.DictReader(io.StringIO(text))]
+    else:
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ScratchLMError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ScratchLMError(f"{path}: expected a sweep's results (a JSON list of runs, or a CSV with a header)")
+    for i, row in enumerate(rows):
+        if missing := sorted({"key", "val_loss", "val_bpb"} - {k for k, v in row.items() if v is not None}):
+            raise ScratchLMError(f"{path}, run {i}: {missing[0]} is missing; expected the columns sweep run writes")
+    return rows
+
+
+def import_results(runs: list[PlannedRun], path: Path) -> tuple[int, int, int]:
+    """Mark the runs that `path` (results.json or .csv, from this sweep on another machine or an earlier
+    session) holds as done, as if they had finished here: their plan and result.json are written, so
+    `sweep run` skips them and `collect` reports them. A run matches by key, the hash of its resolved
+    config: a row whose config this sweep does not plan (a changed base config, shape or code default)
+    is not imported. Returns (imported, already done here, not in this sweep)."""
+    by_key = {run.key: run for run in runs}
+    imported = present = foreign = 0
+    for row in read_results_file(path):
+        run = by_key.get(str(row["key"]))
+        if run is None:
+            foreign += 1
+        elif read_result(run) is not None:
+            present += 1
+        else:
+            write_plan(run)
+            atomic_write_text(run.run_dir / RESULT, json.dumps(row, indent=1) + "\n")
+            imported += 1
+    return imported, present, foreign
+
+
 def collect(spec: SweepSpec, runs: list[PlannedRun]) -> list[dict]:
     """The finished runs' results, written to out_dir/results.json and results.csv (each whole or not at all)."""
     results = [r for r in (read_result(run) for run in runs) if r is not None]
