@@ -156,3 +156,32 @@ def test_the_model_trains_alike_with_our_triton_attention_and_sdpa(dtype):
     assert abs(loss_t - loss_s) <= tol * abs(loss_s)
     for name in grads_s:
         assert relative_error(grads_t[name], grads_s[name]) <= 5 * tol, name
+
+
+def test_the_fused_head_under_autocast_matches_the_plain_one():
+    """On CUDA the fused head multiplies in bf16 and takes the Triton cross-entropy kernel."""
+    fused, plain = small_model().to(CUDA), small_model(fused_kernels=False).to(CUDA)
+    x, y = torch.randint(0, 500, (2, 8, 64), device=CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused_loss, fused_grads = loss_and_grads(fused, x, y)
+        plain_loss, plain_grads = loss_and_grads(plain, x, y)
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-2)
+    for name, grad in plain_grads.items():
+        assert relative_error(fused_grads[name], grad) < 5e-2, name
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fp8_matmuls_on_cuda_stay_near_bf16(recipe):
+    from scratchlm.kernels.fp8 import convert_to_fp8
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 tensor cores need compute capability 8.9 or later")
+    model = small_model().to(CUDA)
+    x, y = torch.randint(0, 500, (2, 8, 64), device=CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        base_loss, base_grads = loss_and_grads(model, x, y)
+        convert_to_fp8(model, recipe)
+        loss, grads = loss_and_grads(model, x, y)
+    assert loss == pytest.approx(base_loss, rel=2e-2)
+    for name, grad in base_grads.items():
+        assert torch.isfinite(grads[name]).all() and relative_error(grads[name], grad) < 0.15, name

@@ -202,3 +202,28 @@ def test_triton_swiglu_matches_pytorch(dtype, tol):
     want_grads = torch.autograd.grad(want, (gate, up), grad.double())
     for name, g, w in zip(("dgate", "dup"), grads, want_grads, strict=True):
         assert_close(g, w, 2 * tol, name)
+
+
+@needs_triton
+@pytest.mark.parametrize(("dtype", "tol"), TRITON_DTYPES)
+@pytest.mark.parametrize("grad", [True, False])
+def test_triton_cross_entropy_rows_matches_pytorch(dtype, tol, grad, monkeypatch):
+    """The LM head's per-row cross-entropy: losses in float32, and the gradient softmax - onehot written
+    over the logits in their dtype, over a vocabulary that several blocks (and a part) cover."""
+    from scratchlm.kernels import fused_triton
+
+    monkeypatch.setattr(fused_triton, "CROSS_ENTROPY_BLOCK", 128)
+    gen = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(6, 300, generator=gen)).to(DEVICE, dtype)
+    targets = torch.randint(0, 300, (6,), generator=gen).to(DEVICE)
+    want = F.cross_entropy(logits.double(), targets, reduction="none")
+    want_grad = torch.softmax(logits.double(), dim=1) - F.one_hot(targets, 300)
+    before = logits.clone()
+    losses = fused_triton.triton_cross_entropy_rows_(logits, targets, grad)
+    assert losses.dtype == torch.float32 and losses.shape == (6,)
+    assert_close(losses, want, tol, "losses")
+    if grad:
+        assert logits.dtype == dtype
+        assert_close(logits, want_grad, tol, "grad")
+    else:
+        assert torch.equal(logits, before)

@@ -17,6 +17,7 @@ from scratchlm.accounting import training_flops_per_token
 from scratchlm.errors import ScratchLMError
 from scratchlm.executor import Job, LocalExecutor, python_command
 from scratchlm.scaling.sweep import import_results, load_sweep, plan, write_plan
+from scratchlm.train.config import TrainConfig
 from scratchlm.train.metrics import read_metrics
 
 
@@ -69,6 +70,31 @@ def test_runs_are_defined_by_their_budget_and_keyed_by_their_config(data_dir, tm
     assert [(r.budget, r.labels["model.d_model"]) for r in restricted] == [(3e8, 16), (9e8, 16), (9e8, 32)]
     assert "budgets" not in restricted[-1].labels
     assert restricted[-1].key == runs[-1].key  # the same run whatever the sweep around it
+
+
+def test_a_run_keeps_its_key_when_the_config_gains_an_option(data_dir, tmp_path, monkeypatch):
+    """Keys hash what a run sets apart from the defaults: a later option at its default renames nothing
+    (so results committed before it still count), while any value that differs renames the run."""
+    import dataclasses
+
+    from scratchlm.scaling import sweep as sweep_module
+
+    path = tmp_path / "sweep.toml"
+    path.write_text(spec_text(data_dir, tmp_path / "out"))
+    runs = plan(load_sweep(path))
+    config = runs[0].config
+    assert sweep_module.run_key(config) == runs[0].key
+    assert sweep_module.run_key(dataclasses.replace(config, threads=3, out_dir="elsewhere")) == runs[0].key
+    assert sweep_module.run_key(dataclasses.replace(config, seed=1)) != runs[0].key
+    assert sweep_module.run_key(dataclasses.replace(config, fp8="rowwise")) != runs[0].key
+
+    @dataclasses.dataclass
+    class Later(TrainConfig):
+        new_option: int = 0
+
+    monkeypatch.setattr(sweep_module, "TrainConfig", Later)
+    assert sweep_module.run_key(Later(**vars(config))) == runs[0].key
+    assert sweep_module.run_key(Later(**vars(config), new_option=1)) != runs[0].key
 
 
 def test_a_sweep_runs_skips_what_is_done_and_extends(data_dir, tmp_path):

@@ -1,5 +1,7 @@
 """The whole LM against a reference written independently here from torch.nn.functional."""
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,6 +202,49 @@ def test_fused_head_loss_is_exact_and_finite_for_huge_logits():
     torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.T, targets))
     loss.backward()
     assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+
+
+def test_fused_head_under_autocast_matches_the_plain_expression(monkeypatch):
+    """Under bf16 autocast the fused head multiplies in bf16 as F.linear would and keeps the loss and the
+    weight's gradient in float32: the same loss and gradients as autocast's logits -> F.cross_entropy."""
+    monkeypatch.setattr(head, "BLOCK_BYTES", 50 * 4 * 300)  # 50 rows a block: several
+    monkeypatch.setattr(head, "MIN_ROWS", 1)
+    torch.manual_seed(0)
+    hidden = torch.randn(130, 32, requires_grad=True)
+    weight = (0.3 * torch.randn(300, 32)).requires_grad_()
+    targets = torch.randint(0, 300, (130,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head.lm_head_cross_entropy(hidden, weight, targets)
+        want = F.cross_entropy(F.linear(hidden, weight), targets)
+    assert loss.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(loss, want, rtol=1e-3, atol=1e-3)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    want_grads = torch.autograd.grad(want, (hidden, weight))
+    for g, w in zip(grads, want_grads, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(head.lm_head_cross_entropy(hidden, weight, targets), loss)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason='needs Triton (pip install "scratchlm[triton]")')
+def test_fused_head_through_the_triton_rows_kernel(monkeypatch):
+    """The head's path on CUDA, with the Triton cross-entropy kernel (run here by the Triton
+    interpreter): the same loss and gradients as logits -> F.cross_entropy."""
+    from scratchlm.model import kernels
+
+    monkeypatch.setattr(kernels, "triton_kernels_apply", lambda *tensors: True)
+    monkeypatch.setattr(head, "BLOCK_BYTES", 40 * 4 * 97)
+    monkeypatch.setattr(head, "MIN_ROWS", 1)
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(100, 16, requires_grad=True), torch.randn(97, 16, requires_grad=True)
+    targets = torch.randint(0, 97, (100,))
+    loss = head.lm_head_cross_entropy(hidden, weight, targets)
+    want = F.cross_entropy(hidden @ weight.T, targets)
+    torch.testing.assert_close(loss, want)
+    for g, w in zip(torch.autograd.grad(loss, (hidden, weight)), torch.autograd.grad(want, (hidden, weight)),
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
 def test_fused_head_loss_refuses_a_second_backward():

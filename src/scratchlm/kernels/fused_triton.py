@@ -1,10 +1,11 @@
 """Fused GPU kernels in Triton for the training step's elementwise and row-wise work, each one pass
-over memory where PyTorch's eager expressions make several: RMSNorm (forward and backward) and
-SwiGLU's activation silu(gate) * up (forward and backward). Each is an autograd.Function tested
-against the PyTorch expression it replaces (on CPU under `TRITON_INTERPRET=1`).
+over memory where PyTorch's eager expressions make several: RMSNorm (forward and backward),
+SwiGLU's activation silu(gate) * up (forward and backward), and the LM head's per-row cross-entropy
+with its gradient written over the logits (the GPU twin of the C kernel `model.head` uses on the CPU).
+Each is tested against the PyTorch expression it replaces (on CPU under `TRITON_INTERPRET=1`).
 
-Rows are (rows, d) with unit stride along d, one program per row (RMSNorm) or per block of elements
-(SwiGLU); reductions in float32 whatever the dtype.
+Rows are (rows, d) with unit stride along d, one program per row (RMSNorm, cross-entropy) or per block
+of elements (SwiGLU); reductions in float32 whatever the dtype.
 """
 
 from __future__ import annotations
@@ -113,3 +114,48 @@ class TritonSwiGLU(torch.autograd.Function):
         _swiglu_backward[(triton.cdiv(n, SWIGLU_BLOCK),)](gate, up, grad_out.contiguous(), grad_gate, grad_up, n,
                                                           BLOCK=SWIGLU_BLOCK)  # fmt: skip
         return grad_gate, grad_up
+
+
+@triton.jit
+def _cross_entropy_rows(LOGITS, TARGETS, LOSSES, vocab, stride, GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: loss = log sum_j exp(z_j - m) + m - z_target with the max m and the sum found in one
+    pass over the row (the online softmax); with GRAD, a second pass writes softmax(z) - onehot(target)
+    over z, in z's dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * stride
+    target = tl.load(TARGETS + row)
+    top = -float("inf")
+    total = 0.0
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        z = tl.load(base + cols, mask=cols < vocab, other=-float("inf")).to(tl.float32)
+        new_top = tl.maximum(top, tl.max(z, 0))
+        total = total * tl.exp(top - new_top) + tl.sum(tl.exp(z - new_top), 0)
+        top = new_top
+    target_logit = tl.load(base + target).to(tl.float32)
+    tl.store(LOSSES + row, tl.log(total) + top - target_logit)
+    if GRAD:
+        for start in range(0, vocab, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < vocab
+            z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            grad = tl.exp(z - top) / total - tl.where(cols == target, 1.0, 0.0)
+            tl.store(base + cols, grad.to(LOGITS.dtype.element_ty), mask=mask)
+
+
+CROSS_ENTROPY_BLOCK = 4096
+
+
+def triton_cross_entropy_rows_(logits: Tensor, targets: Tensor, grad: bool) -> Tensor:
+    """Per-row cross-entropy -log softmax(logits)_target, float32 (rows,); with `grad`, `logits` is
+    overwritten by softmax(logits) - onehot(target). logits: (rows, vocab), any float dtype, rows
+    contiguous; targets: (rows,) integer."""
+    if logits.stride(1) != 1:
+        raise ValueError("logits: each row must be contiguous")
+    rows, vocab = logits.shape
+    losses = torch.empty(rows, device=logits.device, dtype=torch.float32)
+    if rows:
+        block = min(CROSS_ENTROPY_BLOCK, triton.next_power_of_2(vocab))
+        _cross_entropy_rows[(rows,)](logits, targets.contiguous(), losses, vocab, logits.stride(0), GRAD=grad,
+                                     BLOCK=block)  # fmt: skip
+    return losses

@@ -138,9 +138,14 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def cross_entropy_rows_(logits: Tensor, targets: Tensor, grad: bool) -> Tensor:
-    """Per-row cross-entropy -log softmax(logits)_target, (rows,); with `grad`, `logits` is overwritten
-    by the loss's gradient with respect to it, softmax(logits) - onehot(target).
-    logits: (rows, vocab) float32, targets: (rows,) integer."""
+    """Per-row cross-entropy -log softmax(logits)_target, float32 (rows,); with `grad`, `logits` is
+    overwritten by the loss's gradient with respect to it, softmax(logits) - onehot(target).
+    logits: (rows, vocab), float32 (or, on CUDA with Triton, any float dtype), targets: (rows,) integer.
+    The C kernel on CPU, the Triton one on CUDA, else PyTorch operations in float32."""
+    if rows_kernel_takes(logits):
+        from scratchlm.kernels.fused_triton import triton_cross_entropy_rows_
+
+        return triton_cross_entropy_rows_(logits, targets, grad)
     if available(logits) and targets.dtype == torch.int64 and targets.is_contiguous():
         losses = logits.new_empty(logits.shape[0])
         _kernels.cross_entropy(
@@ -148,13 +153,22 @@ def cross_entropy_rows_(logits: Tensor, targets: Tensor, grad: bool) -> Tensor:
         )
         return losses
     # -log softmax(z)_t = log sum_j exp(z_j - max) + max - z_t, and softmax(z) from the same exp.
-    target_logits = logits.gather(1, targets[:, None])
-    top = logits.amax(dim=1, keepdim=True)
-    exp = logits.sub_(top).exp_()
+    z = logits.float()  # `logits` itself when float32, worked on in place
+    target_logits = z.gather(1, targets[:, None])
+    top = z.amax(dim=1, keepdim=True)
+    exp = z.sub_(top).exp_()
     sums = exp.sum(dim=1, keepdim=True)
     if grad:
         exp.div_(sums)[torch.arange(len(targets), device=targets.device), targets] -= 1.0
+        if exp is not logits:
+            logits.copy_(exp)
     return (sums.log() + top - target_logits).squeeze(1)
+
+
+def rows_kernel_takes(logits: Tensor) -> bool:
+    """Whether `cross_entropy_rows_` reads `logits` in their own dtype (the Triton kernel, on CUDA); the
+    other paths want float32."""
+    return logits.stride(-1) == 1 and triton_kernels_apply(logits)
 
 
 # Up to here the C attention beats PyTorch's (benchmarks/attention.py, 2-core EPYC, forward + backward:

@@ -41,13 +41,18 @@ def project(x: Tensor, weights: tuple[Tensor, ...], owner: nn.Module) -> Tensor:
     several projections of the same input as one matmul.
 
     A decoding step on CPU multiplies by a `DecodeWeight` cached on `owner` (in `owner._decode`),
-    rebuilt whenever a weight changes.
+    rebuilt whenever a weight changes; an owner converted to FP8 training (`owner.fp8`) multiplies in
+    float8 (`scratchlm.kernels.fp8`).
     """
     if _is_cpu_decode_step(x):
         kind = getattr(owner, "decode_weights", "float32")
         if owner._decode is None or not owner._decode.matches(weights, x, kind):
             owner._decode = DecodeWeight(weights, x, kind)
         return owner._decode.matmul(x)
+    if getattr(owner, "fp8", None):  # set by `scratchlm.kernels.fp8.convert_to_fp8`
+        from scratchlm.kernels.fp8 import fp8_linear
+
+        return fp8_linear(x, stack_rows(weights), owner.fp8)
     return x @ stack_rows(weights).mT
 
 

@@ -123,11 +123,13 @@ class TransformerLM(nn.Module):
     def loss(self, token_ids: Tensor, targets: Tensor) -> Tensor:
         """Mean next-token cross-entropy (nats). token_ids, targets: (batch, seq).
 
-        With fused kernels (and no autocast) the LM head and the loss run together in chunks of rows
-        (`lm_head_cross_entropy`), so the (batch x seq x vocab) logits never exist at once.
+        With fused kernels the LM head and the loss run together in chunks of rows
+        (`lm_head_cross_entropy`), so the (batch x seq x vocab) logits never exist at once; not when
+        torch.compile traces the model under autocast (it fuses the plain expression its own way).
         """
         hidden = self.hidden_states(token_ids)
-        if self.config.fused_kernels and not torch.is_autocast_enabled(hidden.device.type):
+        autocast = torch.is_autocast_enabled(hidden.device.type)
+        if self.config.fused_kernels and not (autocast and torch.compiler.is_compiling()):
             return lm_head_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten())
         return cross_entropy(self.lm_head(hidden), targets)
 

@@ -27,6 +27,7 @@ checkpoints) and runs what is new; extending the grid extends the sweep.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -124,6 +125,25 @@ def _set(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"  # JSON numbers, strings, booleans and lists are TOML too
 
 
+def _flat(record: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for name, value in record.items():
+        out.update(_flat(value, f"{prefix}{name}.") if isinstance(value, dict) else {prefix + name: value})
+    return out
+
+
+def run_key(config: TrainConfig) -> str:
+    """A run's name: the hash of what its resolved config sets apart from the defaults (out_dir and
+    threads excluded). An option added to the config later, at a default that does what runs did before
+    it, renames no run, so results from before it (`import_results`) still count; the other side of it:
+    a changed default does not rename the runs that relied on the old one, so a sweep pins in its base
+    config or [set] whatever it must keep."""
+    defaults = _flat(dataclasses.asdict(TrainConfig()))
+    mine = {k: v for k, v in _flat(dataclasses.asdict(config)).items() if k not in ("out_dir", "threads")}
+    diff = {k: v for k, v in mine.items() if k not in defaults or defaults[k] != v}
+    return hashlib.sha256(json.dumps(diff, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def plan(spec: SweepSpec) -> list[PlannedRun]:
     """Every run of the sweep, in order of budget, shape, grid point and seed."""
     points = [dict(zip(spec.grid, values, strict=True)) for values in itertools.product(*spec.grid.values())]
@@ -140,7 +160,7 @@ def plan(spec: SweepSpec) -> list[PlannedRun]:
                  f"log_every={max(1, min(config.log_every, steps // 10))}",
                  f"optim.warmup_steps={min(config.optim.warmup_steps, steps // 5)}"]  # fmt: skip
         config = load_config(spec.base_config, overrides + fixed)
-        key = hashlib.sha256(to_toml(config).encode()).hexdigest()[:12]  # out_dir and threads fixed: not in the key
+        key = run_key(config)
         config.out_dir = str(Path(spec.out_dir) / "runs" / key)
         runs.append(PlannedRun(key, budget, seed, labels, config, steps))
     return runs
@@ -238,9 +258,9 @@ def read_results_file(path: Path) -> list[dict]:
 def import_results(runs: list[PlannedRun], path: Path) -> tuple[int, int, int]:
     """Mark the runs that `path` (results.json or .csv, from this sweep on another machine or an earlier
     session) holds as done, as if they had finished here: their plan and result.json are written, so
-    `sweep run` skips them and `collect` reports them. A run matches by key, the hash of its resolved
-    config: a row whose config this sweep does not plan (a changed base config, shape or code default)
-    is not imported. Returns (imported, already done here, not in this sweep)."""
+    `sweep run` skips them and `collect` reports them. A run matches by key (`run_key`): a row whose
+    config this sweep does not plan (a changed base config or shape) is not imported.
+    Returns (imported, already done here, not in this sweep)."""
     by_key = {run.key: run for run in runs}
     imported = present = foreign = 0
     for row in read_results_file(path):

@@ -88,6 +88,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata=at_least(0))
     device: str = "auto"
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # bfloat16 = autocast on CUDA; CPU always float32
+    fp8: Literal["none", "tensorwise", "rowwise"] = "none"  # the blocks' matmuls in float8 (H100 class; CPU emulates)
     compile: Literal["auto", "yes", "no"] = "auto"
     threads: int = field(default=0, metadata=at_least(0))  # CPU threads; 0 = all cores
     out_dir: str = "runs/shakespeare"

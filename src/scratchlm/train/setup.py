@@ -46,8 +46,18 @@ def keep_freed_memory() -> bool:
 
 
 def build_model(config: TrainConfig, device: torch.device) -> TransformerLM:
+    """The configured model on `device`, its projections in float8 where `fp8` asks for it."""
     torch.manual_seed(config.seed)
-    return TransformerLM(config.model).to(device)
+    model = TransformerLM(config.model).to(device)
+    if config.fp8 != "none":
+        from scratchlm.kernels.fp8 import check_device, convert_to_fp8
+
+        try:
+            check_device(device)
+        except ValueError as exc:
+            raise ScratchLMError(f"fp8 is {config.fp8!r}: {exc}") from None
+        convert_to_fp8(model, config.fp8)
+    return model
 
 
 def build_optimizer(config: TrainConfig, model: TransformerLM, spec: bool = False):
