@@ -30,11 +30,11 @@ setup(
             Extension(  # flags: see the head of _cpu.h
                 f"scratchlm.model.{name}",
                 [f"src/scratchlm/model/{name}.c"],
-                depends=["src/scratchlm/model/_cpu.h"],
+                depends=["src/scratchlm/model/_cpu.h", "src/scratchlm/model/_matvec.h"],
                 extra_compile_args=["-O3", "-fno-trapping-math", "-fopenmp"],
                 extra_link_args=["-fopenmp"],
             )
-            for name in ("_kernels", "_attention", "_quant")
+            for name in ("_kernels", "_attention", "_quant", "_decode")
         ),
         Extension(
             "scratchlm.serve._paged",

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from scratchlm.model import decode_step
 from scratchlm.model.config import ModelConfig
 from scratchlm.model.head import lm_head_cross_entropy
 from scratchlm.model.layers import (
@@ -88,12 +89,15 @@ class TransformerLM(nn.Module):
 
         With `caches` (one per layer, from `new_caches`), token_ids are the next tokens after those
         cached; positions then default to continue from the cache. key_mask: (batch, cached + seq) bool,
-        False for padding. Cached plus new tokens must fit in the context length.
+        False for padding. Cached plus new tokens must fit in the context length. A decoding step on the
+        CPU runs every block in one C call where it can (`decode_step`).
         """
         past = caches[0].length if caches else 0
         length, limit = past + token_ids.shape[-1], self.config.context_length
         if length > limit:
             raise ValueError(f"sequence of {length} tokens exceeds the context length {limit}")
+        if caches and decode_step.applies(self, token_ids, positions, caches, key_mask):
+            return decode_step.step(self, token_ids, caches)
         if positions is None and past:
             positions = torch.arange(past, past + token_ids.shape[-1], device=token_ids.device)
         x = self.embedding_dropout(self.token_embeddings(token_ids))

@@ -1,0 +1,227 @@
+/*
+ * A whole decoding step of TransformerLM in one call, for the few rows (sequences) of a step that each
+ * add one token: every block — RMSNorm, q|k|v, RoPE, the new key and value into the layer's KV cache,
+ * attention over the cache, the output projection and its residual, RMSNorm, w1|w3, SwiGLU, w2 and its
+ * residual — then the final RMSNorm. The same arithmetic as the model's modules (the tests check it
+ * against them), without what it costs to run them one PyTorch operation at a time: a small model's
+ * step is ~15 operations a layer of a few microseconds of work each, and their dispatch took more time
+ * than reading the weights did. Here the GIL is released once, each product is spread over the OpenMP
+ * threads, and everything else runs in place.
+ *
+ * Weights (per layer, addresses in a row of the `layers` table): q|k|v stacked, the output projection,
+ * w1|w3 stacked and w2, each row-major (d_out, d_in) in one format for the step (float32, bfloat16, or
+ * int8 with a scale per output channel: _matvec.h); the two RMSNorm gains in float32; the layer's KV
+ * cache, k and v each (rows, kv_heads, max_len, d_head) float32, positions 0..past-1 filled.
+ */
+#include "_matvec.h"
+
+enum { F32 = 0, BF16 = 1, INT8 = 2 };
+/* The columns of the `layers` table, one row per layer. */
+enum { LN1, QKV, QKV_SCALE, WO, WO_SCALE, LN2, W13, W13_SCALE, W2, W2_SCALE, K_CACHE, V_CACHE, FIELDS };
+
+#define MAX_ROWS 16
+
+typedef struct {
+    int64_t rows, d, heads, kv_heads, d_head, d_ff, max_len, past;
+    float eps;
+    int kind, threads;
+    const float *rotations; /* (positions, d_head / 2, 2): cos, sin; NULL without RoPE */
+    int8_t *qx;             /* scratch for int8: x quantised, (rows, max(d, d_ff)) */
+    float sx[MAX_ROWS];
+} Step;
+
+static int threads_for(int64_t n, int64_t cost, int threads) {
+    int64_t useful = (n * cost) / MIN_ELEMENTS_PER_THREAD;
+    if (threads > useful) threads = (int)(useful > 1 ? useful : 1);
+    if (threads > n) threads = (int)(n > 1 ? n : 1);
+    return threads;
+}
+
+/* fn over [0, n) in `threads` contiguous parts (the GIL is already released). */
+static void run(RangeFn fn, const void *args, int64_t n, int threads) {
+    if (threads <= 1) {
+        fn(args, 0, n, 0);
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; t++) fn(args, n * t / threads, n * (t + 1) / threads, t);
+}
+
+/* y (rows, d_out) = x (rows, d_in) W^T, W in the step's format. */
+static void matvec(Step *s, const float *x, const void *w, const float *scale, float *y, int64_t d_in,
+                   int64_t d_out) {
+    const int64_t groups = (d_out + 3) / 4;
+    const int threads = threads_for(groups, 4 * d_in * s->rows, s->threads);
+    if (s->kind == INT8) {
+        quantize_rows(x, s->rows, d_in, s->qx, s->sx);
+        Int8Args a = {s->qx, s->sx, w, scale, y, s->rows, d_in, d_out};
+        run(int8_range, &a, groups, threads);
+    } else if (s->kind == BF16) {
+        Bf16Args a = {x, w, y, s->rows, d_in, d_out};
+        run(bf16_range, &a, groups, threads);
+    } else {
+        F32Args a = {x, w, y, s->rows, d_in, d_out};
+        run(f32_range, &a, groups, threads);
+    }
+}
+
+/* out = x / sqrt(mean(x^2) + eps) * gain, per row. */
+static void rms_norm(const float *x, const float *gain, float *out, int64_t rows, int64_t d, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * d;
+        const float inverse = 1.0f / sqrtf(dot(xr, xr, d) / (float)d + eps);
+        for (int64_t i = 0; i < d; i++) out[r * d + i] = xr[i] * inverse * gain[i];
+    }
+}
+
+/* Rotates each pair (v[2i], v[2i+1]) of each of `heads` heads by its angle: rot = (cos, sin) pairs. */
+static void rope(float *v, const float *rot, int64_t heads, int64_t d_head) {
+    for (int64_t h = 0; h < heads; h++) {
+        float *vh = v + h * d_head;
+        for (int64_t i = 0; i < d_head / 2; i++) {
+            const float a = vh[2 * i], b = vh[2 * i + 1], c = rot[2 * i], sn = rot[2 * i + 1];
+            vh[2 * i] = a * c - b * sn;
+            vh[2 * i + 1] = a * sn + b * c;
+        }
+    }
+}
+
+typedef struct {
+    const Step *s;
+    const float *qkv; /* (rows, (heads + 2 kv_heads) d_head): the queries, rotated */
+    const float *k, *v; /* this layer's cache, the new position written */
+    float *out;       /* (rows, heads d_head) */
+    float *scores;    /* (threads, past + 1) */
+} AttentionArgs;
+
+/* softmax(q k^T / sqrt(d_head)) v over positions 0..past for the (row, head) items [begin, end). */
+static void attention_range(const void *args, int64_t begin, int64_t end, int part) {
+    const AttentionArgs *a = args;
+    const Step *s = a->s;
+    const int64_t dh = s->d_head, n = s->past + 1, group = s->heads / s->kv_heads;
+    const int64_t width = (s->heads + 2 * s->kv_heads) * dh;
+    const float scale_ = 1.0f / sqrtf((float)dh);
+    float *scores = a->scores + part * n;
+    for (int64_t item = begin; item < end; item++) {
+        const int64_t r = item / s->heads, h = item % s->heads;
+        const float *q = a->qkv + r * width + h * dh;
+        const int64_t base = (r * s->kv_heads + h / group) * s->max_len * dh;
+        const float *keys = a->k + base, *values = a->v + base;
+        for (int64_t t = 0; t < n; t++) scores[t] = dot(q, keys + t * dh, dh) * scale_;
+        const float top = row_max(scores, n);
+        const float inverse = 1.0f / exp_sum(scores, top, n, 1);
+        float *o = a->out + r * s->heads * dh + h * dh;
+        for (int64_t i = 0; i < dh; i++) o[i] = 0.0f;
+        for (int64_t t = 0; t < n; t++) {
+            const float p = scores[t] * inverse;
+            const float *vt = values + t * dh;
+            for (int64_t i = 0; i < dh; i++) o[i] += p * vt[i];
+        }
+    }
+}
+
+INLINE const void *at(const int64_t *row, int field) { return (const void *)(uintptr_t)row[field]; }
+
+/* One block on x (rows, d), in place. */
+static void block(Step *s, const int64_t *w, float *x, float *h, float *qkv, float *att, float *wide, float *scores) {
+    const int64_t rows = s->rows, d = s->d, dh = s->d_head, d_ff = s->d_ff;
+    const int64_t q_dim = s->heads * dh, kv_dim = s->kv_heads * dh, width = q_dim + 2 * kv_dim;
+    float *k_cache = (float *)at(w, K_CACHE), *v_cache = (float *)at(w, V_CACHE);
+
+    rms_norm(x, at(w, LN1), h, rows, d, s->eps);
+    matvec(s, h, at(w, QKV), at(w, QKV_SCALE), qkv, d, width);
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = qkv + r * width;
+        if (s->rotations) {
+            const float *rot = s->rotations + s->past * dh; /* (d_head / 2) (cos, sin) pairs */
+            rope(row, rot, s->heads, dh);
+            rope(row + q_dim, rot, s->kv_heads, dh);
+        }
+        for (int64_t g = 0; g < s->kv_heads; g++) {
+            const int64_t slot = ((r * s->kv_heads + g) * s->max_len + s->past) * dh;
+            memcpy(k_cache + slot, row + q_dim + g * dh, (size_t)dh * sizeof(float));
+            memcpy(v_cache + slot, row + q_dim + kv_dim + g * dh, (size_t)dh * sizeof(float));
+        }
+    }
+    AttentionArgs a = {s, qkv, k_cache, v_cache, att, scores};
+    run(attention_range, &a, rows * s->heads, threads_for(rows * s->heads, (s->past + 1) * dh * 2, s->threads));
+    matvec(s, att, at(w, WO), at(w, WO_SCALE), h, q_dim, d);
+    for (int64_t i = 0; i < rows * d; i++) x[i] += h[i];
+
+    rms_norm(x, at(w, LN2), h, rows, d, s->eps);
+    matvec(s, h, at(w, W13), at(w, W13_SCALE), wide, d, 2 * d_ff);
+    for (int64_t r = 0; r < rows; r++) { /* silu(gate) * up, into the gate's half */
+        float *gate = wide + r * 2 * d_ff, *up = gate + d_ff;
+        for (int64_t i = 0; i < d_ff; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    }
+    for (int64_t r = 1; r < rows; r++) memmove(wide + r * d_ff, wide + r * 2 * d_ff, (size_t)d_ff * sizeof(float));
+    matvec(s, wide, at(w, W2), at(w, W2_SCALE), h, d_ff, d);
+    for (int64_t i = 0; i < rows * d; i++) x[i] += h[i];
+}
+
+static PyObject *step(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, layers, rotations, ln_final, out;
+    long long n_layers, rows, d, heads, kv_heads, d_head, d_ff, max_len, past;
+    float eps;
+    int kind, threads;
+    if (!PyArg_ParseTuple(args, "KKLLLLLLLLLKfiKKi", &x, &layers, &n_layers, &rows, &d, &heads, &kv_heads, &d_head,
+                          &d_ff, &max_len, &past, &rotations, &eps, &kind, &ln_final, &out, &threads))
+        return NULL;
+    if (rows < 1 || rows > MAX_ROWS || past < 0 || past >= max_len || kind < F32 || kind > INT8 ||
+        heads % kv_heads) {
+        PyErr_SetString(PyExc_ValueError, "decode step: bad shape");
+        return NULL;
+    }
+    Step s = {rows, d, heads, kv_heads, d_head, d_ff, max_len, past, eps, kind, threads, PTR(const float, rotations),
+              NULL, {0}};
+    const int64_t width = (heads + 2 * kv_heads) * d_head, wide_in = d > d_ff ? d : d_ff;
+    float *h = malloc(sizeof(float) * rows * (d > heads * d_head ? d : heads * d_head));
+    float *qkv = malloc(sizeof(float) * rows * width);
+    float *att = malloc(sizeof(float) * rows * heads * d_head);
+    float *wide = malloc(sizeof(float) * rows * 2 * d_ff);
+    float *scores = malloc(sizeof(float) * (threads > 0 ? threads : 1) * (past + 1));
+    s.qx = malloc((size_t)(rows * wide_in));
+    if (!h || !qkv || !att || !wide || !scores || !s.qx) {
+        free(h), free(qkv), free(att), free(wide), free(scores), free(s.qx);
+        return PyErr_NoMemory();
+    }
+    float *state = PTR(float, x);
+    const int64_t *table = PTR(const int64_t, layers);
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t l = 0; l < n_layers; l++) block(&s, table + l * FIELDS, state, h, qkv, att, wide, scores);
+    rms_norm(state, PTR(const float, ln_final), PTR(float, out), rows, d, eps);
+    Py_END_ALLOW_THREADS
+    free(h), free(qkv), free(att), free(wide), free(scores), free(s.qx);
+    Py_RETURN_NONE;
+}
+
+static PyObject *set_prefetch(PyObject *self, PyObject *args) {
+    (void)self;
+    long long groups;
+    if (!PyArg_ParseTuple(args, "L", &groups)) return NULL;
+    prefetch_groups = groups;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"set_prefetch", set_prefetch, METH_VARARGS, "set_prefetch(groups): prefetch distance of the products"},
+    {"step", step, METH_VARARGS,
+     "step(x, layers, n_layers, rows, d, heads, kv_heads, d_head, d_ff, max_len, past, rotations, eps, kind, "
+     "ln_final, out, threads): one decoding step through every block; x (rows, d) is updated in place"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_decode", "A whole decoding step in one call.", -1,
+                                    methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__decode(void) {
+    matvec_init();
+    PyObject *m = PyModule_Create(&module);
+    if (m && (PyModule_AddIntConstant(m, "FIELDS", FIELDS) < 0 || PyModule_AddIntConstant(m, "MAX_ROWS", MAX_ROWS) < 0 ||
+              PyModule_AddStringConstant(m, "F32_PATH", f32_name) < 0)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,138 @@
+"""The whole decoding step in C (`scratchlm.model.decode_step`, `_decode.c`) against the model's own
+modules: the same logits and the same KV caches, step after step, in every weight format, with and
+without grouped-query attention and RoPE, for one sequence and several; the same greedy tokens; a
+changed weight taken at the next step; and the cases it must leave to the modules."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scratchlm.model import ModelConfig, TransformerLM, decode_step
+from scratchlm.model.layers import set_decode_weights
+
+pytestmark = pytest.mark.skipif(decode_step._decode is None, reason="the C extension _decode is not built")
+
+
+def small_model(**options) -> TransformerLM:
+    torch.manual_seed(0)
+    shape = {"vocab_size": 97, "context_length": 64, "d_model": 64, "n_layers": 3, "n_heads": 4, "d_ff": 96}
+    return TransformerLM(ModelConfig(**{**shape, **options})).eval()
+
+
+@torch.no_grad()
+def decode(model: TransformerLM, prompts: torch.Tensor, steps: int, in_c: bool, monkeypatch) -> tuple:
+    """(logits of each step (steps, batch, vocab), the caches) after the prompts, feeding back the argmax."""
+    with monkeypatch.context() as patch:
+        if not in_c:
+            patch.setattr(decode_step, "_decode", None)
+        caches = model.new_caches(prompts.shape[0], max_len=prompts.shape[1] + steps + 1)
+        logits = model(prompts, None, caches)[:, -1]
+        out = []
+        for _ in range(steps):
+            logits = model(logits.argmax(-1)[:, None], None, caches)[:, -1]
+            out.append(logits)
+    return torch.stack(out), caches
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize(
+    "options", [{"n_kv_heads": 2}, {}, {"position_embedding": "none", "n_heads": 2}], ids=["gqa", "mha", "no-rope"]
+)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_c_step_computes_what_the_modules_do(kind, options, batch, monkeypatch):
+    model = small_model(**options)
+    set_decode_weights(model, kind)
+    prompts = torch.randint(0, 97, (batch, 9), generator=torch.Generator().manual_seed(1))
+    ours, our_caches = decode(model, prompts, 6, True, monkeypatch)
+    assert model._decode_plan.kind == kind  # the C step ran
+    theirs, their_caches = decode(model, prompts, 6, False, monkeypatch)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    for a, b in zip(our_caches, their_caches, strict=True):
+        assert a.length == b.length == 9 + 6
+        torch.testing.assert_close(a.k[:, :, : a.length], b.k[:, :, : b.length], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.v[:, :, : a.length], b.v[:, :, : b.length], rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_generation_is_the_same_with_and_without_the_c_step(monkeypatch):
+    from scratchlm.infer.generate import Sampling, generate
+
+    class Ids:
+        vocab = {i: bytes([65 + i % 26]) for i in range(97)}
+        end_id = None
+
+        def encode(self, text: str) -> list[int]:
+            return [ord(c) % 97 for c in text]
+
+    model = small_model(n_kv_heads=2)
+    greedy = Sampling(temperature=0, max_new_tokens=20)
+    ours, _ = generate(model, Ids(), ["hello there"], greedy)
+    monkeypatch.setattr(decode_step, "_decode", None)
+    theirs, _ = generate(model, Ids(), ["hello there"], greedy)
+    assert ours[0].token_ids == theirs[0].token_ids and len(ours[0].token_ids) == 20
+
+
+def test_a_changed_weight_is_taken_at_the_next_step(monkeypatch):
+    model = small_model()
+    prompts = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(2))
+    before, _ = decode(model, prompts, 2, True, monkeypatch)
+    with torch.no_grad():
+        model.layers[1].ffn.w2.weight.mul_(3)  # as an optimizer step would, in place
+    after, _ = decode(model, prompts, 2, True, monkeypatch)
+    expected, _ = decode(model, prompts, 2, False, monkeypatch)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_what_the_c_step_leaves_to_the_modules():
+    model = small_model()
+    caches = model.new_caches(2, max_len=8)
+    token = torch.zeros(2, 1, dtype=torch.long)
+    with torch.no_grad():
+        assert decode_step.applies(model, token, None, caches, None)
+        assert not decode_step.applies(model, token, None, caches, torch.ones(2, 1, dtype=torch.bool))  # padding
+        assert not decode_step.applies(model, torch.zeros(2, 3, dtype=torch.long), None, caches, None)  # a prompt
+        assert not decode_step.applies(model, token, torch.tensor([[3], [0]]), caches, None)  # positions elsewhere
+        caches[0].length = 8
+        assert not decode_step.applies(model, token, None, caches, None)  # a full cache: the modules' error
+    assert not decode_step.applies(model, token, None, model.new_caches(2, max_len=8), None)  # autograd on
+    for options in ({"norm_position": "post"}, {"ffn": "silu"}):
+        with torch.no_grad():
+            assert not decode_step.applies(small_model(**options), token, None, small_model().new_caches(2), None)
+    model.train()
+    with torch.no_grad():
+        assert not decode_step.applies(model, token, None, model.new_caches(2, max_len=8), None)  # dropout
+
+
+def test_every_instruction_set_path_gives_the_same_step(tmp_path):
+    """AVX-512, AVX2 and plain C products ($SCRATCHLM_SIMD caps the choice), float32 and int8, with a
+    d_in that no vector width divides and a group of fewer than four output rows (w1|w3: 2 x 99): sums in
+    another order, so the same logits to rounding."""
+    script = (
+        "import sys, torch\n"
+        "from scratchlm.model import ModelConfig, TransformerLM, _decode\n"
+        "from scratchlm.model.layers import set_decode_weights\n"
+        "torch.manual_seed(0)\n"
+        "m = TransformerLM(ModelConfig(vocab_size=97, context_length=32, d_model=80, n_layers=2, n_heads=4,"
+        " n_kv_heads=2, d_ff=99)).eval()\n"
+        "out = {'path': _decode.F32_PATH}\n"
+        "for kind in ('float32', 'int8'):\n"
+        "    set_decode_weights(m, kind)\n"
+        "    with torch.no_grad():\n"
+        "        caches = m.new_caches(2, max_len=16); m(torch.tensor([[1, 2, 3], [5, 6, 7]]), None, caches)\n"
+        "        out[kind] = m(torch.tensor([[4], [8]]), None, caches)\n"
+        "torch.save(out, sys.argv[1])\n"
+    )
+    results = {}
+    for cap in ("", "avx2", "c"):
+        out = tmp_path / f"{cap or 'best'}.pt"
+        done = subprocess.run([sys.executable, "-c", script, str(out)], env={**os.environ, "SCRATCHLM_SIMD": cap},
+                              capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        results[cap] = torch.load(out)
+    assert results["c"]["path"] == "plain"
+    for cap in ("", "avx2"):
+        for kind in ("float32", "int8"):
+            torch.testing.assert_close(results[cap][kind], results["c"][kind], rtol=1e-5, atol=1e-5)
