@@ -60,8 +60,8 @@ def test_greedy_generation_is_the_same_with_and_without_the_c_step(monkeypatch):
     from scratchlm.infer.generate import Sampling, generate
 
     class Ids:
-        vocab = {i: bytes([65 + i % 26]) for i in range(97)}
-        end_id = None
+        def __init__(self) -> None:
+            self.vocab, self.end_id = {i: bytes([65 + i % 26]) for i in range(97)}, None
 
         def encode(self, text: str) -> list[int]:
             return [ord(c) % 97 for c in text]

@@ -73,7 +73,8 @@ class DecodePlan:
 
     @staticmethod
     def _key(model, kind: str) -> tuple:
-        return kind, tuple((p._version, p.data_ptr()) for p in model.layers.parameters()), model.ln_final.weight._version
+        weights = [*model.layers.parameters(), model.ln_final.weight]
+        return kind, tuple((p._version, p.data_ptr()) for p in weights)
 
     def matches(self, model, kind: str) -> bool:
         return self._key(model, kind) == self.key
