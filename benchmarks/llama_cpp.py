@@ -127,7 +127,7 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300.0) -> N
     raise RuntimeError(f"{url} did not come up in {timeout:.0f} s")
 
 
-def serve_load(command: list[str], port: int, args) -> dict:
+def serve_load(command: list[str], port: int, args, extra: dict) -> dict:
     from scratchlm.serve.load import run_load
 
     url = f"http://127.0.0.1:{port}"
@@ -136,7 +136,7 @@ def serve_load(command: list[str], port: int, args) -> dict:
         wait_ready(url, process)
         prompts = [PROMPT, "Once upon a time", "The best way to learn", "In the beginning"]
         run_load(url, prompts[:1], 1.0, 1, 4, 60.0)  # warm-up
-        return run_load(url, prompts, args.rate, args.requests, args.max_tokens, args.duration)
+        return run_load(url, prompts, args.rate, args.requests, args.max_tokens, args.duration, extra=extra)
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -189,6 +189,10 @@ def main() -> None:
                  "greedy tokens identical"], rows))  # fmt: skip
     if args.no_serve:
         return
+    # Every request runs to max_tokens on both servers: llama.cpp ends a completion at any end-of-generation
+    # token (SmolLM2 writes <|endoftext|> after a few sentences), so those are banned by logit_bias there;
+    # scratchlm ends only at the tokenizer's end token (<|im_end|>), which these prompts do not reach.
+    ban = {"logit_bias": {str(i): -100 for i in tokenizer.special_ids.values()}}
     served = []
     for weights, kind, label in pairs:
         for name, command in (
@@ -199,15 +203,16 @@ def main() -> None:
                                                                str(run), "--port", str(port), "--weights", weights]),
         ):  # fmt: skip
             port = free_port()
-            s = serve_load(command(port), port, args)
-            served.append([f"{weights} / {label}", name, f"{s['completed']}/{s['requests']}",
+            s = serve_load(command(port), port, args, ban)
+            per_request = s["output_tokens_per_s"] / s["requests_per_s"] if s["requests_per_s"] else 0
+            served.append([f"{weights} / {label}", name, f"{s['completed']}/{s['requests']}", f"{per_request:.0f}",
                            f"{s['requests_per_s']:.2f}", f"{s['output_tokens_per_s']:.1f}",
                            f"{s['ttft_ms']['p50']:.0f} / {s['ttft_ms']['p90']:.0f}", f"{s['tpot_ms']['p50']:.1f}",
                            f"{s['e2e_ms']['p90']:.0f}"])  # fmt: skip
             print(served[-1], flush=True)
     print(f"\nserved: {args.requests} streamed completions of {args.max_tokens} tokens, Poisson at {args.rate}/s\n")
-    print(table(["weights", "server", "completed", "requests/s", "output tok/s", "TTFT p50 / p90 ms",
-                 "TPOT p50 ms", "E2E p90 ms"], served))  # fmt: skip
+    print(table(["weights", "server", "completed", "tokens / request", "requests/s", "output tok/s",
+                 "TTFT p50 / p90 ms", "TPOT p50 ms", "E2E p90 ms"], served))  # fmt: skip
 
 
 if __name__ == "__main__":

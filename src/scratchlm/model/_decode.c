@@ -2,20 +2,20 @@
  * A whole decoding step of TransformerLM in one call, for the few rows (sequences) of a step that each
  * add one token: every block — RMSNorm, q|k|v, RoPE, the new key and value into the layer's KV cache,
  * attention over the cache, the output projection and its residual, RMSNorm, w1|w3, SwiGLU, w2 and its
- * residual — then the final RMSNorm. The same arithmetic as the model's modules (the tests check it
+ * residual — then the final RMSNorm and the LM head, to the logits. The same arithmetic as the model's modules (the tests check it
  * against them), without what it costs to run them one PyTorch operation at a time: a small model's
  * step is ~15 operations a layer of a few microseconds of work each, and their dispatch took more time
  * than reading the weights did. Here the GIL is released once, each product is spread over the OpenMP
  * threads, and everything else runs in place.
  *
  * Weights (per layer, addresses in a row of the `layers` table): q|k|v stacked, the output projection,
- * w1|w3 stacked and w2, each row-major (d_out, d_in) in one format for the step (float32, bfloat16, or
- * int8 with a scale per output channel: _matvec.h); the two RMSNorm gains in float32; the layer's KV
- * cache, k and v each (rows, kv_heads, max_len, d_head) float32, positions 0..past-1 filled.
+ * w1|w3 stacked and w2, each packed (`kernels.pack_weight`: tiled, in one format for the step, float32,
+ * bfloat16, or int8 with a scale per output channel: _matvec.h); the two RMSNorm gains in float32; the layer's KV
+ * cache, k and v each (rows, kv_heads, max_len, d_head) float32, positions 0..past-1 filled. The LM
+ * head in the same format, (vocab, d).
  */
 #include "_matvec.h"
 
-enum { F32 = 0, BF16 = 1, INT8 = 2 };
 /* The columns of the `layers` table, one row per layer. */
 enum { LN1, QKV, QKV_SCALE, WO, WO_SCALE, LN2, W13, W13_SCALE, W2, W2_SCALE, K_CACHE, V_CACHE, FIELDS };
 
@@ -26,7 +26,7 @@ typedef struct {
     float eps;
     int kind, threads;
     const float *rotations; /* (positions, d_head / 2, 2): cos, sin; NULL without RoPE */
-    int8_t *qx;             /* scratch for int8: x quantised, (rows, max(d, d_ff)) */
+    void *x_buffer;         /* x as the products read it: (rows, d_in padded) float32, or int8 */
     float sx[MAX_ROWS];
 } Step;
 
@@ -47,22 +47,13 @@ static void run(RangeFn fn, const void *args, int64_t n, int threads) {
     for (int t = 0; t < threads; t++) fn(args, n * t / threads, n * (t + 1) / threads, t);
 }
 
-/* y (rows, d_out) = x (rows, d_in) W^T, W in the step's format. */
+/* y (rows, d_out) = x (rows, d_in) W^T, W packed in the step's format (_matvec.h). */
 static void matvec(Step *s, const float *x, const void *w, const float *scale, float *y, int64_t d_in,
                    int64_t d_out) {
-    const int64_t groups = (d_out + 3) / 4;
-    const int threads = threads_for(groups, 4 * d_in * s->rows, s->threads);
-    if (s->kind == INT8) {
-        quantize_rows(x, s->rows, d_in, s->qx, s->sx);
-        Int8Args a = {s->qx, s->sx, w, scale, y, s->rows, d_in, d_out};
-        run(int8_range, &a, groups, threads);
-    } else if (s->kind == BF16) {
-        Bf16Args a = {x, w, y, s->rows, d_in, d_out};
-        run(bf16_range, &a, groups, threads);
-    } else {
-        F32Args a = {x, w, y, s->rows, d_in, d_out};
-        run(f32_range, &a, groups, threads);
-    }
+    const int64_t groups = (d_out + 3) / 4, d_pad = padded(d_in, s->kind);
+    MatvecArgs a = {s->kind, prepare_x(x, s->rows, d_in, s->kind, s->x_buffer, s->sx), w, scale, s->sx, y, s->rows,
+                    d_pad, d_out};
+    run(matvec_range, &a, groups, threads_for(groups, 4 * d_pad * s->rows, s->threads));
 }
 
 /* out = x / sqrt(mean(x^2) + eps) * gain, per row. */
@@ -161,12 +152,13 @@ static void block(Step *s, const int64_t *w, float *x, float *h, float *qkv, flo
 
 static PyObject *step(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long x, layers, rotations, ln_final, out;
-    long long n_layers, rows, d, heads, kv_heads, d_head, d_ff, max_len, past;
+    unsigned long long x, layers, rotations, ln_final, head, head_scale, logits;
+    long long n_layers, rows, d, heads, kv_heads, d_head, d_ff, max_len, past, vocab;
     float eps;
     int kind, threads;
-    if (!PyArg_ParseTuple(args, "KKLLLLLLLLLKfiKKi", &x, &layers, &n_layers, &rows, &d, &heads, &kv_heads, &d_head,
-                          &d_ff, &max_len, &past, &rotations, &eps, &kind, &ln_final, &out, &threads))
+    if (!PyArg_ParseTuple(args, "KKLLLLLLLLLKfiKKKLKi", &x, &layers, &n_layers, &rows, &d, &heads, &kv_heads,
+                          &d_head, &d_ff, &max_len, &past, &rotations, &eps, &kind, &ln_final, &head, &head_scale,
+                          &vocab, &logits, &threads))
         return NULL;
     if (rows < 1 || rows > MAX_ROWS || past < 0 || past >= max_len || kind < F32 || kind > INT8 ||
         heads % kv_heads) {
@@ -175,40 +167,32 @@ static PyObject *step(PyObject *self, PyObject *args) {
     }
     Step s = {rows, d, heads, kv_heads, d_head, d_ff, max_len, past, eps, kind, threads, PTR(const float, rotations),
               NULL, {0}};
-    const int64_t width = (heads + 2 * kv_heads) * d_head, wide_in = d > d_ff ? d : d_ff;
+    const int64_t width = (heads + 2 * kv_heads) * d_head, wide_in = padded(d > d_ff ? d : d_ff, kind);
     float *h = malloc(sizeof(float) * rows * (d > heads * d_head ? d : heads * d_head));
     float *qkv = malloc(sizeof(float) * rows * width);
     float *att = malloc(sizeof(float) * rows * heads * d_head);
     float *wide = malloc(sizeof(float) * rows * 2 * d_ff);
     float *scores = malloc(sizeof(float) * (threads > 0 ? threads : 1) * (past + 1));
-    s.qx = malloc((size_t)(rows * wide_in));
-    if (!h || !qkv || !att || !wide || !scores || !s.qx) {
-        free(h), free(qkv), free(att), free(wide), free(scores), free(s.qx);
+    s.x_buffer = malloc(sizeof(float) * rows * wide_in);
+    if (!h || !qkv || !att || !wide || !scores || !s.x_buffer) {
+        free(h), free(qkv), free(att), free(wide), free(scores), free(s.x_buffer);
         return PyErr_NoMemory();
     }
     float *state = PTR(float, x);
     const int64_t *table = PTR(const int64_t, layers);
     Py_BEGIN_ALLOW_THREADS
     for (int64_t l = 0; l < n_layers; l++) block(&s, table + l * FIELDS, state, h, qkv, att, wide, scores);
-    rms_norm(state, PTR(const float, ln_final), PTR(float, out), rows, d, eps);
+    rms_norm(state, PTR(const float, ln_final), h, rows, d, eps);
+    matvec(&s, h, PTR(const void, head), PTR(const float, head_scale), PTR(float, logits), d, vocab);
     Py_END_ALLOW_THREADS
-    free(h), free(qkv), free(att), free(wide), free(scores), free(s.qx);
-    Py_RETURN_NONE;
-}
-
-static PyObject *set_prefetch(PyObject *self, PyObject *args) {
-    (void)self;
-    long long groups;
-    if (!PyArg_ParseTuple(args, "L", &groups)) return NULL;
-    prefetch_groups = groups;
+    free(h), free(qkv), free(att), free(wide), free(scores), free(s.x_buffer);
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"set_prefetch", set_prefetch, METH_VARARGS, "set_prefetch(groups): prefetch distance of the products"},
     {"step", step, METH_VARARGS,
      "step(x, layers, n_layers, rows, d, heads, kv_heads, d_head, d_ff, max_len, past, rotations, eps, kind, "
-     "ln_final, out, threads): one decoding step through every block; x (rows, d) is updated in place"},
+     "ln_final, head, head_scale, vocab, logits, threads): one decoding step, x (rows, d) -> logits (rows, vocab)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -219,7 +203,7 @@ PyMODINIT_FUNC PyInit__decode(void) {
     matvec_init();
     PyObject *m = PyModule_Create(&module);
     if (m && (PyModule_AddIntConstant(m, "FIELDS", FIELDS) < 0 || PyModule_AddIntConstant(m, "MAX_ROWS", MAX_ROWS) < 0 ||
-              PyModule_AddStringConstant(m, "F32_PATH", f32_name) < 0)) {
+              PyModule_AddStringConstant(m, "F32_PATH", path_name[F32]) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,5 +1,5 @@
-"""A decoding step of a TransformerLM on the CPU in one C call (`_decode.c`): every block for the new
-token of each sequence, in place of the ~15 PyTorch operations a layer that the modules run, whose
+"""A decoding step of a TransformerLM on the CPU in one C call (`_decode.c`): every block and the LM
+head for the new token of each sequence, in place of the ~15 PyTorch operations a layer that the modules run, whose
 dispatch costs more than a small model's arithmetic (SmolLM2-135M, 30 layers: 40 -> see
 docs/benchmarks.md). The modules remain the definition; this path is checked against them
 (tests/test_decode_step.py) and taken only where it computes the same thing:
@@ -10,7 +10,7 @@ docs/benchmarks.md). The modules remain the definition; this path is checked aga
 - contiguous KV caches (`KVCache`) all at the same length, no padding mask, positions that continue
   the cache (as `generate` runs an unpadded batch).
 
-The weights are packed once per format (`set_decode_weights`: float32, bfloat16 or int8 per output
+The weights (the LM head's too) are packed once per format (`set_decode_weights`: float32, bfloat16 or int8 per output
 channel) into a `DecodePlan` kept on the model, rebuilt when a weight changes (its version counter) or
 the format does.
 """
@@ -28,19 +28,8 @@ try:
 except ImportError:
     _decode = None
 
-KINDS = {"float32": 0, "bfloat16": 1, "int8": 2}
 # the columns of a layer's row in the plan's table (the enum of _decode.c)
 LN1, QKV, QKV_SCALE, WO, WO_SCALE, LN2, W13, W13_SCALE, W2, W2_SCALE, K_CACHE, V_CACHE = range(12)
-
-
-def _packed(weight: Tensor, kind: str) -> tuple[Tensor, Tensor | None]:
-    """(weights as the kernel reads them, int8's scales or None)."""
-    w = weight.detach()
-    if kind == "int8":
-        return kernels.quantize_int8(w)
-    if kind == "bfloat16":
-        return w.to(torch.bfloat16).contiguous(), None
-    return w.float().contiguous(), None
 
 
 class DecodePlan:
@@ -59,13 +48,14 @@ class DecodePlan:
                 W2: ffn.w2.weight,
             }
             for column, weight in matrices.items():
-                packed, scale = _packed(weight, kind)
-                self._put(i, column, packed)
-                if scale is not None:
-                    self._put(i, column + 1, scale)  # each matrix's scale column follows it
+                packed = kernels.pack_weight(weight, kind)
+                self._put(i, column, packed.data)
+                if packed.scale is not None:
+                    self._put(i, column + 1, packed.scale)  # each matrix's scale column follows it
             self._put(i, LN1, layer.ln1.weight.detach().float().contiguous())
             self._put(i, LN2, layer.ln2.weight.detach().float().contiguous())
         self.ln_final = model.ln_final.weight.detach().float().contiguous()
+        self.head = kernels.pack_weight(model.lm_head.weight, kind)
 
     def _put(self, layer: int, column: int, tensor: Tensor) -> None:
         self.keep.append(tensor)
@@ -73,7 +63,7 @@ class DecodePlan:
 
     @staticmethod
     def _key(model, kind: str) -> tuple:
-        weights = [*model.layers.parameters(), model.ln_final.weight]
+        weights = [*model.layers.parameters(), model.ln_final.weight, model.lm_head.weight]
         return kind, tuple((p._version, p.data_ptr()) for p in weights)
 
     def matches(self, model, kind: str) -> bool:
@@ -99,6 +89,8 @@ def applies(model, token_ids: Tensor, positions: Tensor | None, caches, key_mask
     ):
         return False
     past = caches[0].length
+    if past + 1 > c.context_length:  # the modules say so
+        return False
     for cache in caches:
         if type(cache) is not KVCache or cache.length != past or cache.k.dtype != torch.float32:
             return False
@@ -110,7 +102,7 @@ def applies(model, token_ids: Tensor, positions: Tensor | None, caches, key_mask
 
 
 def step(model, token_ids: Tensor, caches: list[KVCache]) -> Tensor:
-    """The final normed states (batch, 1, d_model) after one new token per sequence; each cache gains it.
+    """The logits (batch, 1, vocab) for the token after one new token per sequence; each cache gains it.
     token_ids: (batch, 1). Check `applies` first."""
     c = model.config
     kind = getattr(model.layers[0].attn, "decode_weights", "float32") if len(model.layers) else "float32"
@@ -121,7 +113,7 @@ def step(model, token_ids: Tensor, caches: list[KVCache]) -> Tensor:
     for i, cache in enumerate(caches):
         table[i, K_CACHE], table[i, V_CACHE] = cache.k.data_ptr(), cache.v.data_ptr()
     x = model.token_embeddings(token_ids[:, 0]).float().contiguous()  # (batch, d_model), updated in place
-    out = torch.empty_like(x)
+    logits = x.new_empty(x.shape[0], c.vocab_size)
     past = caches[0].length
     rope = model.layers[0].attn.rope if len(model.layers) else None
     rotations = rope.rotations.float().contiguous() if rope is not None else None
@@ -129,8 +121,10 @@ def step(model, token_ids: Tensor, caches: list[KVCache]) -> Tensor:
     _decode.step(
         x.data_ptr(), table.data_ptr(), len(model.layers), x.shape[0], c.d_model, c.n_heads, c.n_kv_heads,
         c.d_head, c.d_ff, max_len, past, 0 if rotations is None else rotations.data_ptr(), c.norm_eps,
-        KINDS[kind], plan.ln_final.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+        kernels.PACKED_KINDS[kind], plan.ln_final.data_ptr(), plan.head.data.data_ptr(),
+        0 if plan.head.scale is None else plan.head.scale.data_ptr(), c.vocab_size, logits.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
     for cache in caches:
         cache.length = past + 1
-    return out[:, None, :]
+    return logits[:, None, :]

@@ -15,6 +15,8 @@ d_head 32) 7.3 -> 2.6 ms, (8, 16, 256, 32) 42 -> 21 ms.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -250,18 +252,66 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous(), scale.contiguous()
 
 
+PACKED_KINDS = {"float32": 0, "bfloat16": 1, "int8": 2}  # the formats of _matvec.h
+CHUNK_BYTES = 64
+
+
+@dataclass
+class PackedWeight:
+    """W (d_out, d_in) laid out for the C products (`_matvec.h`): rows in groups of four, each row cut
+    into 64-byte chunks, a group's four chunks side by side, so that four dot products read one
+    sequential stream; zero-padded to whole chunks and groups. kind: "float32", "bfloat16" or "int8"
+    (then `scale`, (d_out,): W ~ scale[:, None] * q)."""
+
+    kind: str
+    data: Tensor  # (groups, chunks, 4, chunk) in the kind's dtype
+    scale: Tensor | None
+    d_out: int
+    d_in: int
+
+
+def tile(w: Tensor) -> Tensor:
+    """(d_out, d_in) -> (ceil(d_out / 4), chunks, 4, 64 bytes of elements): the tiled layout, zero-padded."""
+    chunk = CHUNK_BYTES // w.element_size()
+    d_out, d_in = w.shape
+    groups, chunks = -(-d_out // 4), -(-d_in // chunk)
+    padded = w.new_zeros(groups * 4, chunks * chunk)
+    padded[:d_out, :d_in] = w
+    return padded.view(groups, 4, chunks, chunk).transpose(1, 2).contiguous()
+
+
+def pack_weight(weight: Tensor, kind: str) -> PackedWeight:
+    """`weight` (d_out, d_in) packed as `kind` for `packed_linear` and the decoding step."""
+    w = weight.detach()
+    if kind == "int8":
+        q, scale = quantize_int8(w)
+        return PackedWeight(kind, tile(q), scale, *w.shape)
+    dtype = torch.bfloat16 if kind == "bfloat16" else torch.float32
+    return PackedWeight(kind, tile(w.to(dtype)), None, *w.shape)
+
+
+def packed_linear(x: Tensor, w: PackedWeight) -> Tensor:
+    """x (rows, d_in) float32 times W^T -> (rows, d_out), float32, by `_quant.c` (int8: x quantised per
+    row, sx = max |x_row| / 127, the products summed exactly in int32; bfloat16: the weights widened, the
+    sums float32). Needs the C extension (`HAVE_C_INT8`)."""
+    rows = x.shape[0]
+    x = x.float().contiguous()
+    y = torch.empty(rows, w.d_out)
+    scale = 0 if w.scale is None else w.scale.data_ptr()
+    for start in range(0, rows, INT8_MAX_ROWS):
+        part = x[start : start + INT8_MAX_ROWS]
+        _quant.linear(PACKED_KINDS[w.kind], part.data_ptr(), w.data.data_ptr(), scale, y[start:].data_ptr(),
+                      len(part), w.d_in, w.d_out, torch.get_num_threads())  # fmt: skip
+    return y
+
+
 def int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     """x (rows, d_in) float32 times (scale[:, None] * q)^T -> (rows, d_out), with x quantised to int8 per
     row (sx = max |x_row| / 127) and the products summed exactly in int32: `_quant.c` on CPU where it
-    is built, else the same arithmetic in PyTorch (which the tests check it against)."""
-    rows, d_in = x.shape
+    is built, else the same arithmetic in PyTorch (which the tests check it against). (Packs q on each
+    call: decoding packs once, `pack_weight`.)"""
     if HAVE_C_INT8 and _float32_cpu_contiguous(x):
-        y = torch.empty(rows, q.shape[0])
-        for start in range(0, rows, INT8_MAX_ROWS):
-            part = x[start : start + INT8_MAX_ROWS]
-            _quant.int8_linear(part.data_ptr(), q.data_ptr(), scale.data_ptr(), y[start:].data_ptr(), len(part),
-                               d_in, q.shape[0], torch.get_num_threads())  # fmt: skip
-        return y
+        return packed_linear(x, PackedWeight("int8", tile(q), scale.float().contiguous(), *q.shape))
     qx, sx = quantize_int8(x)
     return (qx.to(torch.int32) @ q.to(torch.int32).T).float() * sx[:, None] * scale
 
@@ -269,9 +319,6 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
 def bf16_linear(x: Tensor, w: Tensor) -> Tensor:
     """x (rows, d_in) float32 times w^T, w (d_out, d_in) bfloat16, summed in float32 -> (rows, d_out):
     `_quant.c` where it is built, else PyTorch on the weights widened to float32."""
-    if HAVE_C_INT8 and _float32_cpu_contiguous(x) and w.is_contiguous():
-        y = torch.empty(x.shape[0], w.shape[0])
-        _quant.bf16_linear(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], w.shape[0],
-                           torch.get_num_threads())  # fmt: skip
-        return y
+    if HAVE_C_INT8 and _float32_cpu_contiguous(x):
+        return packed_linear(x, PackedWeight("bfloat16", tile(w.to(torch.bfloat16)), None, *w.shape))
     return x @ w.float().T

@@ -118,8 +118,8 @@ class DecodeWeight:
     (benchmarks/generate_decode.py has the end-to-end figures).
 
     kind "int8" (`set_decode_weights`): W as int8 per output channel and x quantised per row, the
-    product in `kernels.int8_linear`: a quarter of the bytes to stream; kind "bfloat16": W rounded to
-    bf16, x and the sums float32 (`kernels.bf16_linear`): half the bytes.
+    product in `kernels.packed_linear`: a quarter of the bytes to stream; kind "bfloat16": W rounded to
+    bf16, x and the sums float32: half the bytes (both packed by `kernels.pack_weight`).
     """
 
     def __init__(self, weights: tuple[Tensor, ...], x: Tensor, kind: str = "float32") -> None:
@@ -128,10 +128,12 @@ class DecodeWeight:
         rows, threads = x.numel() // x.shape[-1], self.key[-2]
         d_out, d_in = w.shape
         self.kind = "transposed"
-        if kind == "int8":
-            self.kind, (self.q, self.scale) = "int8", kernels.quantize_int8(w)
+        if kind in ("int8", "bfloat16") and kernels.HAVE_C_INT8:
+            self.kind, self.packed = kind, kernels.pack_weight(w, kind)
+        elif kind == "int8":  # no C extension: the same arithmetic in PyTorch
+            self.kind, (self.q, self.scale) = "int8-torch", kernels.quantize_int8(w)
         elif kind == "bfloat16":
-            self.kind, self.packed = "bfloat16", w.to(torch.bfloat16).contiguous()
+            self.kind, self.packed = "bfloat16-torch", w.to(torch.bfloat16).contiguous()
         elif rows == 1 and threads > 1 and d_out % threads == 0:
             self.kind, self.packed = "split", w.reshape(threads, d_out // threads, d_in).mT.contiguous()
         elif rows > 1 and w.dtype == torch.float32 and _onednn_linear_available():
@@ -151,10 +153,13 @@ class DecodeWeight:
 
     def matmul(self, x: Tensor) -> Tensor:
         """x: (..., d_in) -> (..., d_out)"""
-        if self.kind == "int8":
+        if self.kind in ("int8", "bfloat16"):
+            out = kernels.packed_linear(x.reshape(-1, x.shape[-1]), self.packed)
+            return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+        if self.kind == "int8-torch":
             out = kernels.int8_linear(x.reshape(-1, x.shape[-1]).float().contiguous(), self.q, self.scale)
             return out.to(x.dtype).reshape(*x.shape[:-1], -1)
-        if self.kind == "bfloat16":
+        if self.kind == "bfloat16-torch":
             out = kernels.bf16_linear(x.reshape(-1, x.shape[-1]).float().contiguous(), self.packed)
             return out.to(x.dtype).reshape(*x.shape[:-1], -1)
         if self.kind == "split":  # (threads, 1, d_in) @ (threads, d_in, d_out / threads): one slab per thread

@@ -89,15 +89,12 @@ class TransformerLM(nn.Module):
 
         With `caches` (one per layer, from `new_caches`), token_ids are the next tokens after those
         cached; positions then default to continue from the cache. key_mask: (batch, cached + seq) bool,
-        False for padding. Cached plus new tokens must fit in the context length. A decoding step on the
-        CPU runs every block in one C call where it can (`decode_step`).
+        False for padding. Cached plus new tokens must fit in the context length.
         """
         past = caches[0].length if caches else 0
         length, limit = past + token_ids.shape[-1], self.config.context_length
         if length > limit:
             raise ValueError(f"sequence of {length} tokens exceeds the context length {limit}")
-        if caches and decode_step.applies(self, token_ids, positions, caches, key_mask):
-            return decode_step.step(self, token_ids, caches)
         if positions is None and past:
             positions = torch.arange(past, past + token_ids.shape[-1], device=token_ids.device)
         x = self.embedding_dropout(self.token_embeddings(token_ids))
@@ -112,7 +109,10 @@ class TransformerLM(nn.Module):
         caches: list[KVCache] | None = None,
         key_mask: Tensor | None = None,
     ) -> Tensor:
-        """token_ids: (batch, seq) -> logits (batch, seq, vocab_size). See `hidden_states` for the rest."""
+        """token_ids: (batch, seq) -> logits (batch, seq, vocab_size). See `hidden_states` for the rest.
+        A decoding step on the CPU runs in one C call where it can (`decode_step`)."""
+        if caches and decode_step.applies(self, token_ids, positions, caches, key_mask):
+            return decode_step.step(self, token_ids, caches)
         return self.lm_head(self.hidden_states(token_ids, positions, caches, key_mask))
 
     def new_caches(self, batch: int, device=None, dtype=None, max_len: int | None = None) -> list[KVCache]:

@@ -54,15 +54,16 @@ def one_request(url: str, body: dict, timing: Timing, timeout: float) -> None:
 
 
 def run_load(url: str, prompts: list[str], rate: float, requests: int, max_tokens: int, duration: float,
-             seed: int = 0, timeout: float = 120.0) -> dict:  # fmt: skip
-    """Send `requests` requests (at most for `duration` seconds) with exponential gaps of mean 1/rate."""
+             seed: int = 0, timeout: float = 120.0, extra: dict | None = None) -> dict:  # fmt: skip
+    """Send `requests` requests (at most for `duration` seconds) with exponential gaps of mean 1/rate.
+    extra: more fields for every request's body (e.g. a server's own options)."""
     rng = random.Random(seed)
     timings, threads = [], []
     start = time.perf_counter()
     for i in range(requests):
         if time.perf_counter() - start > duration:
             break
-        body = {"prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "temperature": 0}
+        body = {"prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "temperature": 0, **(extra or {})}
         timing = Timing(time.perf_counter())
         thread = threading.Thread(target=one_request, args=(url, body, timing, timeout), daemon=True)
         thread.start()
