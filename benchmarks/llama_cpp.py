@@ -16,8 +16,9 @@ machine's own CPU flags) in this benchmark's own environment, `$SCRATCHLM_CACHE/
 - Decoding: the same prompt token ids, greedy, `--tokens` new tokens; decode tokens/s after the first
   token (prefill excluded), median of `--rounds` alternating rounds; whether the greedy tokens agree.
 - Serving: `python -m llama_cpp.server` (llama-cpp-python's OpenAI-compatible server, one request at
-  a time) against `scratchlm serve` (continuous batching), the same Poisson load from
-  `scratchlm.serve.load` (streamed completions, --requests at --rate, --max-tokens each).
+  a time; `--interrupt_requests False`, or each new request cuts the running one short) against
+  `scratchlm serve` (continuous batching), the same Poisson load from `scratchlm.serve.load` (streamed
+  completions, --requests at --rate, --max-tokens each, every one run to its length).
 Targets (issue 15): batch-1 decoding >= 1.0x llama.cpp at equal precision.
 """
 
@@ -152,6 +153,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--duration", type=float, default=120.0)
     parser.add_argument("--no-serve", action="store_true", help="decoding only")
+    parser.add_argument("--no-decode", action="store_true", help="serving only")
     args = parser.parse_args()
     import torch
 
@@ -166,7 +168,7 @@ def main() -> None:
     prompt = tokenizer.encode(PROMPT)
     pairs = [("float32", "f32", "F32"), ("int8", "q8_0", "Q8_0")]
     rows = []
-    for weights, kind, label in pairs:
+    for weights, kind, label in [] if args.no_decode else pairs:
         ours_speeds, ours_tokens = [], []
         llama = {"tok_s": []}
         for _ in range(args.rounds):  # alternating, so that machine noise hits both alike
@@ -185,8 +187,9 @@ def main() -> None:
           f"llama-cpp-python {LLAMA_CPP_PYTHON} (built from source)")  # fmt: skip
     print(f"SmolLM2-135M-Instruct, batch 1, greedy, {args.tokens} new tokens after {len(prompt)}, "
           f"median of {args.rounds} alternating rounds\n")  # fmt: skip
-    print(table(["weights (ours / llama.cpp)", "scratchlm tok/s", "llama.cpp tok/s", "ratio",
-                 "greedy tokens identical"], rows))  # fmt: skip
+    if rows:
+        print(table(["weights (ours / llama.cpp)", "scratchlm tok/s", "llama.cpp tok/s", "ratio",
+                     "greedy tokens identical"], rows))  # fmt: skip
     if args.no_serve:
         return
     # Every request runs to max_tokens on both servers: llama.cpp ends a completion at any end-of-generation
@@ -198,7 +201,8 @@ def main() -> None:
         for name, command in (
             ("llama_cpp.server", lambda port, kind=kind: [str(python), "-m", "llama_cpp.server", "--model",
                                                           str(ggufs[kind]), "--host", "127.0.0.1", "--port", str(port),
-                                                          "--n_threads", str(args.threads), "--n_ctx", "2048"]),
+                                                          "--n_threads", str(args.threads), "--n_ctx", "2048",
+                                                          "--interrupt_requests", "False"]),
             ("scratchlm serve", lambda port, weights=weights: [sys.executable, "-m", "scratchlm.cli", "serve", "--run",
                                                                str(run), "--port", str(port), "--weights", weights]),
         ):  # fmt: skip
