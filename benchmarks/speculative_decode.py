@@ -2,10 +2,12 @@
 rate, and whether the output is identical (it must be).
 
     python benchmarks/speculative_decode.py [--run RUN] [--draft RUN] [--tokens 200] [--k 4]
+    python benchmarks/speculative_decode.py --run $SCRATCHLM_CACHE/bench-smollm2-run   # an imported model
 
 Drafters: prompt lookup (n-gram, no model), and `--draft` (a smaller run with the same tokenizer) when
-given. Prompts: the first lines of the run's validation text (its tokens decoded), so the n-gram
-drafter has only what a real prompt offers. Median of 3 alternating rounds. Target (issue 15): >= 1.8x
+given. Prompts: pieces of the run's validation text (its tokens decoded) or, for a run without one
+(an imported model), of the reference corpora in ../shared/data (Moby-Dick), so the n-gram drafter has
+only what a real prompt offers. Median of 3 alternating rounds. Target (issue 15): >= 1.8x
 greedy tokens/s with identical output.
 """
 
@@ -37,7 +39,15 @@ def main() -> None:
     from scratchlm.infer.speculative import ModelDrafter, NgramDrafter, speculative_generate
 
     model, tokenizer, config, _ = load_run(args.run, "cpu")
-    val = np.memmap(config.data.val_tokens, dtype=np.uint16, mode="r")
+    if Path(config.data.val_tokens).is_file():
+        val = np.memmap(config.data.val_tokens, dtype=np.uint16, mode="r")
+    else:
+        import gzip
+
+        from common import SHARED
+
+        with gzip.open(SHARED / "corpora" / "moby_dick.txt.gz", "rt", encoding="utf-8") as f:
+            val = tokenizer.encode(f.read()[200_000:400_000])
     prompts = [tokenizer.decode([int(t) for t in val[i : i + args.prompt_tokens]]) for i in (0, 5000, 20000)]
     tokens = min(args.tokens, model.config.context_length - args.prompt_tokens - 8)
     greedy = Sampling(temperature=0, max_new_tokens=tokens)

@@ -56,6 +56,30 @@ def test_the_c_step_computes_what_the_modules_do(kind, options, batch, monkeypat
         torch.testing.assert_close(a.v[:, :, : a.length], b.v[:, :, : b.length], rtol=1e-4, atol=1e-5)
 
 
+def test_several_new_tokens_a_sequence_attend_causally(monkeypatch):
+    """A prompt of 7 in one step, then a draft of 5 checked at once (as speculative decoding does), for
+    two sequences: every position's logits and the caches as the modules compute them."""
+    model = small_model(n_kv_heads=2)
+    gen = torch.Generator().manual_seed(3)
+    prompt, draft = torch.randint(0, 97, (2, 7), generator=gen), torch.randint(0, 97, (2, 5), generator=gen)
+    results = []
+    for in_c in (True, False):
+        with monkeypatch.context() as patch, torch.no_grad():
+            if not in_c:
+                patch.setattr(decode_step, "_decode", None)
+            caches = model.new_caches(2, max_len=16)
+            first = model(prompt, None, caches)
+            second = model(draft, torch.arange(7, 12), caches)
+            results.append((first, second, caches))
+    assert model._decode_plan.kind == "float32"
+    for ours, theirs in zip(results[0][:2], results[1][:2], strict=True):
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    for a, b in zip(results[0][2], results[1][2], strict=True):
+        assert a.length == b.length == 12
+        torch.testing.assert_close(a.k[:, :, :12], b.k[:, :, :12], rtol=1e-4, atol=1e-5)
+
+
 def test_greedy_generation_is_the_same_with_and_without_the_c_step(monkeypatch):
     from scratchlm.infer.generate import Sampling, generate
 
@@ -93,8 +117,16 @@ def test_what_the_c_step_leaves_to_the_modules():
     with torch.no_grad():
         assert decode_step.applies(model, token, None, caches, None)
         assert not decode_step.applies(model, token, None, caches, torch.ones(2, 1, dtype=torch.bool))  # padding
-        assert not decode_step.applies(model, torch.zeros(2, 3, dtype=torch.long), None, caches, None)  # a prompt
+        assert decode_step.applies(model, torch.zeros(2, 3, dtype=torch.long), None, caches, None)  # short prompts
+        assert not decode_step.applies(model, torch.zeros(2, 9, dtype=torch.long), None, caches, None)  # > 16 rows
         assert not decode_step.applies(model, token, torch.tensor([[3], [0]]), caches, None)  # positions elsewhere
+        caches[0].length = 0
+        draft = torch.zeros(2, 4, dtype=torch.long)
+        assert decode_step.applies(model, draft, torch.arange(4), caches, None)
+        set_decode_weights(model, "int8")  # quantized weights: steps of one token only
+        assert not decode_step.applies(model, draft, None, caches, None)
+        assert decode_step.applies(model, token, None, caches, None)
+        set_decode_weights(model, "float32")
         caches[0].length = 8
         assert not decode_step.applies(model, token, None, caches, None)  # a full cache: the modules' error
     assert not decode_step.applies(model, token, None, model.new_caches(2, max_len=8), None)  # autograd on

@@ -1,6 +1,7 @@
 /*
- * A whole decoding step of TransformerLM in one call, for the few rows (sequences) of a step that each
- * add one token: every block — RMSNorm, q|k|v, RoPE, the new key and value into the layer's KV cache,
+ * A whole decoding step of TransformerLM in one call, for the few rows of a step: `seqs` sequences that
+ * each add `n_new` tokens (one, for a generation step; a few, for a speculative draft checked at once, or
+ * a short prompt), positions past..past+n_new-1, each row attending causally: every block — RMSNorm, q|k|v, RoPE, the new key and value into the layer's KV cache,
  * attention over the cache, the output projection and its residual, RMSNorm, w1|w3, SwiGLU, w2 and its
  * residual — then the final RMSNorm and the LM head, to the logits. The same arithmetic as the model's modules (the tests check it
  * against them), without what it costs to run them one PyTorch operation at a time: a small model's
@@ -22,7 +23,7 @@ enum { LN1, QKV, QKV_SCALE, WO, WO_SCALE, LN2, W13, W13_SCALE, W2, W2_SCALE, K_C
 #define MAX_ROWS 16
 
 typedef struct {
-    int64_t rows, d, heads, kv_heads, d_head, d_ff, max_len, past;
+    int64_t rows, n_new, d, heads, kv_heads, d_head, d_ff, max_len, past; /* rows = sequences x n_new */
     float eps;
     int kind, threads;
     const float *rotations; /* (positions, d_head / 2, 2): cos, sin; NULL without RoPE */
@@ -82,21 +83,22 @@ typedef struct {
     const float *qkv; /* (rows, (heads + 2 kv_heads) d_head): the queries, rotated */
     const float *k, *v; /* this layer's cache, the new position written */
     float *out;       /* (rows, heads d_head) */
-    float *scores;    /* (threads, past + 1) */
+    float *scores;    /* (threads, past + n_new) */
 } AttentionArgs;
 
-/* softmax(q k^T / sqrt(d_head)) v over positions 0..past for the (row, head) items [begin, end). */
+/* softmax(q k^T / sqrt(d_head)) v for the (row, head) items [begin, end): row r, the i-th new token of
+ * sequence b, sees positions 0..past+i of its sequence. */
 static void attention_range(const void *args, int64_t begin, int64_t end, int part) {
     const AttentionArgs *a = args;
     const Step *s = a->s;
-    const int64_t dh = s->d_head, n = s->past + 1, group = s->heads / s->kv_heads;
+    const int64_t dh = s->d_head, group = s->heads / s->kv_heads;
     const int64_t width = (s->heads + 2 * s->kv_heads) * dh;
     const float scale_ = 1.0f / sqrtf((float)dh);
-    float *scores = a->scores + part * n;
+    float *scores = a->scores + part * (s->past + s->n_new);
     for (int64_t item = begin; item < end; item++) {
-        const int64_t r = item / s->heads, h = item % s->heads;
+        const int64_t r = item / s->heads, h = item % s->heads, b = r / s->n_new, n = s->past + r % s->n_new + 1;
         const float *q = a->qkv + r * width + h * dh;
-        const int64_t base = (r * s->kv_heads + h / group) * s->max_len * dh;
+        const int64_t base = (b * s->kv_heads + h / group) * s->max_len * dh;
         const float *keys = a->k + base, *values = a->v + base;
         for (int64_t t = 0; t < n; t++) scores[t] = dot(q, keys + t * dh, dh) * scale_;
         const float top = row_max(scores, n);
@@ -123,13 +125,14 @@ static void block(Step *s, const int64_t *w, float *x, float *h, float *qkv, flo
     matvec(s, h, at(w, QKV), at(w, QKV_SCALE), qkv, d, width);
     for (int64_t r = 0; r < rows; r++) {
         float *row = qkv + r * width;
+        const int64_t b = r / s->n_new, position = s->past + r % s->n_new;
         if (s->rotations) {
-            const float *rot = s->rotations + s->past * dh; /* (d_head / 2) (cos, sin) pairs */
+            const float *rot = s->rotations + position * dh; /* (d_head / 2) (cos, sin) pairs */
             rope(row, rot, s->heads, dh);
             rope(row + q_dim, rot, s->kv_heads, dh);
         }
         for (int64_t g = 0; g < s->kv_heads; g++) {
-            const int64_t slot = ((r * s->kv_heads + g) * s->max_len + s->past) * dh;
+            const int64_t slot = ((b * s->kv_heads + g) * s->max_len + position) * dh;
             memcpy(k_cache + slot, row + q_dim + g * dh, (size_t)dh * sizeof(float));
             memcpy(v_cache + slot, row + q_dim + kv_dim + g * dh, (size_t)dh * sizeof(float));
         }
@@ -153,26 +156,27 @@ static void block(Step *s, const int64_t *w, float *x, float *h, float *qkv, flo
 static PyObject *step(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long x, layers, rotations, ln_final, head, head_scale, logits;
-    long long n_layers, rows, d, heads, kv_heads, d_head, d_ff, max_len, past, vocab;
+    long long n_layers, seqs, n_new, d, heads, kv_heads, d_head, d_ff, max_len, past, vocab;
     float eps;
     int kind, threads;
-    if (!PyArg_ParseTuple(args, "KKLLLLLLLLLKfiKKKLKi", &x, &layers, &n_layers, &rows, &d, &heads, &kv_heads,
+    if (!PyArg_ParseTuple(args, "KKLLLLLLLLLLKfiKKKLKi", &x, &layers, &n_layers, &seqs, &n_new, &d, &heads, &kv_heads,
                           &d_head, &d_ff, &max_len, &past, &rotations, &eps, &kind, &ln_final, &head, &head_scale,
                           &vocab, &logits, &threads))
         return NULL;
-    if (rows < 1 || rows > MAX_ROWS || past < 0 || past >= max_len || kind < F32 || kind > INT8 ||
-        heads % kv_heads) {
+    const int64_t rows = seqs * n_new;
+    if (seqs < 1 || n_new < 1 || rows > MAX_ROWS || past < 0 || past + n_new > max_len || kind < F32 ||
+        kind > INT8 || heads % kv_heads) {
         PyErr_SetString(PyExc_ValueError, "decode step: bad shape");
         return NULL;
     }
-    Step s = {rows, d, heads, kv_heads, d_head, d_ff, max_len, past, eps, kind, threads, PTR(const float, rotations),
-              NULL, {0}};
+    Step s = {rows, n_new, d, heads, kv_heads, d_head, d_ff, max_len, past, eps, kind, threads,
+              PTR(const float, rotations), NULL, {0}};
     const int64_t width = (heads + 2 * kv_heads) * d_head, wide_in = padded(d > d_ff ? d : d_ff, kind);
     float *h = malloc(sizeof(float) * rows * (d > heads * d_head ? d : heads * d_head));
     float *qkv = malloc(sizeof(float) * rows * width);
     float *att = malloc(sizeof(float) * rows * heads * d_head);
     float *wide = malloc(sizeof(float) * rows * 2 * d_ff);
-    float *scores = malloc(sizeof(float) * (threads > 0 ? threads : 1) * (past + 1));
+    float *scores = malloc(sizeof(float) * (threads > 0 ? threads : 1) * (past + n_new));
     s.x_buffer = malloc(sizeof(float) * rows * wide_in);
     if (!h || !qkv || !att || !wide || !scores || !s.x_buffer) {
         free(h), free(qkv), free(att), free(wide), free(scores), free(s.x_buffer);
@@ -191,8 +195,8 @@ static PyObject *step(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"step", step, METH_VARARGS,
-     "step(x, layers, n_layers, rows, d, heads, kv_heads, d_head, d_ff, max_len, past, rotations, eps, kind, "
-     "ln_final, head, head_scale, vocab, logits, threads): one decoding step, x (rows, d) -> logits (rows, vocab)"},
+     "step(x, layers, n_layers, seqs, n_new, d, heads, kv_heads, d_head, d_ff, max_len, past, rotations, eps, kind, "
+     "ln_final, head, head_scale, vocab, logits, threads): x (seqs * n_new, d) -> logits (seqs * n_new, vocab)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -4,11 +4,13 @@ dispatch costs more than a small model's arithmetic (SmolLM2-135M, 30 layers: 40
 docs/benchmarks.md). The modules remain the definition; this path is checked against them
 (tests/test_decode_step.py) and taken only where it computes the same thing:
 
-- a step of one new token per sequence (1 to 16 sequences), without autograd, in evaluation mode,
-  float32 weights on the CPU;
+- a step of one new token per sequence (1 to 16 sequences), or, with float32 decoding weights, a few
+  for each (a speculative draft checked at once, a short prompt; bfloat16 and int8 decoding weights
+  serve steps of one token, as `set_decode_weights` says): at most 16 in all; without autograd, in
+  evaluation mode, float32 weights on the CPU;
 - the standard blocks: pre-norm, SwiGLU, RoPE (or no position embedding);
 - contiguous KV caches (`KVCache`) all at the same length, no padding mask, positions that continue
-  the cache (as `generate` runs an unpadded batch).
+  the cache (as `generate` runs an unpadded batch and `speculative` checks a draft).
 
 The weights (the LM head's too) are packed once per format (`set_decode_weights`: float32, bfloat16 or int8 per output
 channel) into a `DecodePlan` kept on the model, rebuilt when a weight changes (its version counter) or
@@ -70,6 +72,11 @@ class DecodePlan:
         return self._key(model, kind) == self.key
 
 
+def decode_kind(model) -> str:
+    """The format `set_decode_weights` chose: float32 unless it was set."""
+    return getattr(model.layers[0].attn, "decode_weights", "float32") if len(model.layers) else "float32"
+
+
 def applies(model, token_ids: Tensor, positions: Tensor | None, caches, key_mask: Tensor | None) -> bool:
     """Whether `step` computes this step (see the module's docstring for what it takes)."""
     c = model.config
@@ -77,8 +84,7 @@ def applies(model, token_ids: Tensor, positions: Tensor | None, caches, key_mask
         _decode is None
         or key_mask is not None
         or token_ids.dim() != 2
-        or token_ids.shape[1] != 1
-        or not 1 <= token_ids.shape[0] <= _decode.MAX_ROWS
+        or not 1 <= token_ids.numel() <= _decode.MAX_ROWS
         or token_ids.device.type != "cpu"
         or torch.is_grad_enabled()
         or model.training
@@ -88,43 +94,49 @@ def applies(model, token_ids: Tensor, positions: Tensor | None, caches, key_mask
         or not caches
     ):
         return False
-    past = caches[0].length
-    if past + 1 > c.context_length:  # the modules say so
+    past, n_new = caches[0].length, token_ids.shape[1]
+    if past + n_new > c.context_length:  # the modules say so
+        return False
+    if n_new > 1 and decode_kind(model) != "float32":  # quantized weights serve steps of one token only
         return False
     for cache in caches:
         if type(cache) is not KVCache or cache.length != past or cache.k.dtype != torch.float32:
             return False
-        if past + 1 > cache.k.shape[2]:  # full: the modules' path says so
+        if past + n_new > cache.k.shape[2]:  # full: the modules' path says so
             return False
         if not (cache.k.is_contiguous() and cache.v.is_contiguous()) or cache.k.shape[0] != token_ids.shape[0]:
             return False
-    return positions is None or bool((positions == past).all())
+    if positions is None:
+        return True
+    expected = torch.arange(past, past + n_new, device=positions.device)
+    return positions.shape[-1] == n_new and bool((positions == expected).all())
 
 
 def step(model, token_ids: Tensor, caches: list[KVCache]) -> Tensor:
-    """The logits (batch, 1, vocab) for the token after one new token per sequence; each cache gains it.
-    token_ids: (batch, 1). Check `applies` first."""
+    """The logits (batch, n_new, vocab) after the new tokens of each sequence; each cache gains them.
+    token_ids: (batch, n_new). Check `applies` first."""
     c = model.config
-    kind = getattr(model.layers[0].attn, "decode_weights", "float32") if len(model.layers) else "float32"
+    kind = decode_kind(model)
     plan = getattr(model, "_decode_plan", None)
     if plan is None or not plan.matches(model, kind):
         plan = model._decode_plan = DecodePlan(model, kind)
     table = plan.table.clone()
     for i, cache in enumerate(caches):
         table[i, K_CACHE], table[i, V_CACHE] = cache.k.data_ptr(), cache.v.data_ptr()
-    x = model.token_embeddings(token_ids[:, 0]).float().contiguous()  # (batch, d_model), updated in place
+    seqs, n_new = token_ids.shape
+    x = model.token_embeddings(token_ids.reshape(-1)).float().contiguous()  # (rows, d_model), updated in place
     logits = x.new_empty(x.shape[0], c.vocab_size)
     past = caches[0].length
     rope = model.layers[0].attn.rope if len(model.layers) else None
     rotations = rope.rotations.float().contiguous() if rope is not None else None
     max_len = caches[0].k.shape[2]
     _decode.step(
-        x.data_ptr(), table.data_ptr(), len(model.layers), x.shape[0], c.d_model, c.n_heads, c.n_kv_heads,
+        x.data_ptr(), table.data_ptr(), len(model.layers), seqs, n_new, c.d_model, c.n_heads, c.n_kv_heads,
         c.d_head, c.d_ff, max_len, past, 0 if rotations is None else rotations.data_ptr(), c.norm_eps,
         kernels.PACKED_KINDS[kind], plan.ln_final.data_ptr(), plan.head.data.data_ptr(),
         0 if plan.head.scale is None else plan.head.scale.data_ptr(), c.vocab_size, logits.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
     for cache in caches:
-        cache.length = past + 1
-    return logits[:, None, :]
+        cache.length = past + n_new
+    return logits.view(seqs, n_new, -1)
