@@ -80,6 +80,34 @@ def test_several_new_tokens_a_sequence_attend_causally(monkeypatch):
         torch.testing.assert_close(a.k[:, :, :12], b.k[:, :, :12], rtol=1e-4, atol=1e-5)
 
 
+def test_the_serving_engine_s_paged_steps_run_in_c(monkeypatch):
+    """Continuous batching over the paged cache (sequences at different lengths, chunked prefill, blocks
+    of 4 positions): every forward in one C call, and each request's greedy tokens those of `generate`."""
+    from scratchlm.infer.generate import Sampling, generate
+    from scratchlm.serve.engine import Engine
+
+    class Ids:
+        def __init__(self) -> None:
+            self.vocab, self.end_id, self.special_ids = {i: b"." for i in range(97)}, None, {}
+
+        def encode(self, text: str) -> list[int]:
+            return [int(t) for t in text.split()]
+
+    model, tokenizer = small_model(n_kv_heads=2), Ids()
+    greedy = Sampling(temperature=0, max_new_tokens=10)
+    prompts = [" ".join(str((7 * i + j) % 97) for j in range(3 + 2 * i)) for i in range(5)]
+    expected = [generate(model, tokenizer, [p], greedy)[0][0].token_ids for p in prompts]
+    calls, passes = [], []
+    monkeypatch.setattr(decode_step, "step", lambda *a, _step=decode_step.step: calls.append(1) or _step(*a))
+    monkeypatch.setattr(Engine, "_forward", lambda *a, _f=Engine._forward: passes.append(1) or _f(*a))
+    engine = Engine(model, tokenizer, num_blocks=40, block_size=4, max_batch=4, token_budget=8)
+    ids = [engine.add_request(p, greedy) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    assert [engine.requests[i].result.token_ids for i in ids] == expected
+    assert len(calls) == len(passes) > 10  # every forward pass, prefill chunks and decoding steps, took the C step
+
+
 def test_greedy_generation_is_the_same_with_and_without_the_c_step(monkeypatch):
     from scratchlm.infer.generate import Sampling, generate
 
@@ -118,7 +146,9 @@ def test_what_the_c_step_leaves_to_the_modules():
         assert decode_step.applies(model, token, None, caches, None)
         assert not decode_step.applies(model, token, None, caches, torch.ones(2, 1, dtype=torch.bool))  # padding
         assert decode_step.applies(model, torch.zeros(2, 3, dtype=torch.long), None, caches, None)  # short prompts
-        assert not decode_step.applies(model, torch.zeros(2, 9, dtype=torch.long), None, caches, None)  # > 16 rows
+        assert not decode_step.applies(model, torch.zeros(2, 9, dtype=torch.long), None, caches, None)  # too long
+        wide = small_model(context_length=128)
+        assert not decode_step.applies(wide, torch.zeros(1, 65, dtype=torch.long), None, wide.new_caches(1), None)
         assert not decode_step.applies(model, token, torch.tensor([[3], [0]]), caches, None)  # positions elsewhere
         caches[0].length = 0
         draft = torch.zeros(2, 4, dtype=torch.long)

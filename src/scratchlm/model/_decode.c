@@ -12,7 +12,8 @@
  * Weights (per layer, addresses in a row of the `layers` table): q|k|v stacked, the output projection,
  * w1|w3 stacked and w2, each packed (`kernels.pack_weight`: tiled, in one format for the step, float32,
  * bfloat16, or int8 with a scale per output channel: _matvec.h); the two RMSNorm gains in float32; the layer's KV
- * cache, k and v each (rows, kv_heads, max_len, d_head) float32, positions 0..past-1 filled. The LM
+ * cache, k and v float32, contiguous (sequences, kv_heads, max_len, d_head) or a paged pool found
+ * through block tables (the serving engine's), positions 0..past[b]-1 filled for sequence b. The LM
  * head in the same format, (vocab, d).
  */
 #include "_matvec.h"
@@ -20,10 +21,18 @@
 /* The columns of the `layers` table, one row per layer. */
 enum { LN1, QKV, QKV_SCALE, WO, WO_SCALE, LN2, W13, W13_SCALE, W2, W2_SCALE, K_CACHE, V_CACHE, FIELDS };
 
-#define MAX_ROWS 16
+#define MAX_ROWS 64
 
 typedef struct {
-    int64_t rows, n_new, d, heads, kv_heads, d_head, d_ff, max_len, past; /* rows = sequences x n_new */
+    int64_t rows, n_new, d, heads, kv_heads, d_head, d_ff; /* rows = sequences x n_new */
+    const int64_t *past;   /* (sequences,): positions cached before this step, each sequence its own */
+    int64_t longest;       /* the most keys a row attends to */
+    /* where a sequence's keys lie: contiguous caches (sequences, kv_heads, max_len, d_head), or, with
+     * `tables`, a paged pool (rows of the pool, kv_heads, d_head), position t of sequence b at pool row
+     * tables[b, t / block_size] * block_size + t % block_size */
+    int64_t max_len;
+    const int64_t *tables;
+    int64_t max_blocks, block_size;
     float eps;
     int kind, threads;
     const float *rotations; /* (positions, d_head / 2, 2): cos, sin; NULL without RoPE */
@@ -78,36 +87,42 @@ static void rope(float *v, const float *rot, int64_t heads, int64_t d_head) {
     }
 }
 
+/* Where key / value head g of position t of sequence b lies in a layer's cache (in floats). */
+INLINE int64_t kv_offset(const Step *s, int64_t b, int64_t g, int64_t t) {
+    if (!s->tables) return ((b * s->kv_heads + g) * s->max_len + t) * s->d_head;
+    const int64_t row = s->tables[b * s->max_blocks + t / s->block_size] * s->block_size + t % s->block_size;
+    return (row * s->kv_heads + g) * s->d_head;
+}
+
 typedef struct {
     const Step *s;
-    const float *qkv; /* (rows, (heads + 2 kv_heads) d_head): the queries, rotated */
-    const float *k, *v; /* this layer's cache, the new position written */
-    float *out;       /* (rows, heads d_head) */
-    float *scores;    /* (threads, past + n_new) */
+    const float *qkv;   /* (rows, (heads + 2 kv_heads) d_head): the queries, rotated */
+    const float *k, *v; /* this layer's cache, the new positions written */
+    float *out;         /* (rows, heads d_head) */
+    float *scores;      /* (threads, longest) */
 } AttentionArgs;
 
 /* softmax(q k^T / sqrt(d_head)) v for the (row, head) items [begin, end): row r, the i-th new token of
- * sequence b, sees positions 0..past+i of its sequence. */
+ * sequence b, sees positions 0..past[b]+i of its sequence. */
 static void attention_range(const void *args, int64_t begin, int64_t end, int part) {
     const AttentionArgs *a = args;
     const Step *s = a->s;
     const int64_t dh = s->d_head, group = s->heads / s->kv_heads;
     const int64_t width = (s->heads + 2 * s->kv_heads) * dh;
     const float scale_ = 1.0f / sqrtf((float)dh);
-    float *scores = a->scores + part * (s->past + s->n_new);
+    float *scores = a->scores + part * s->longest;
     for (int64_t item = begin; item < end; item++) {
-        const int64_t r = item / s->heads, h = item % s->heads, b = r / s->n_new, n = s->past + r % s->n_new + 1;
+        const int64_t r = item / s->heads, h = item % s->heads, b = r / s->n_new, g = h / group;
+        const int64_t n = s->past[b] + r % s->n_new + 1;
         const float *q = a->qkv + r * width + h * dh;
-        const int64_t base = (b * s->kv_heads + h / group) * s->max_len * dh;
-        const float *keys = a->k + base, *values = a->v + base;
-        for (int64_t t = 0; t < n; t++) scores[t] = dot(q, keys + t * dh, dh) * scale_;
+        for (int64_t t = 0; t < n; t++) scores[t] = dot(q, a->k + kv_offset(s, b, g, t), dh) * scale_;
         const float top = row_max(scores, n);
         const float inverse = 1.0f / exp_sum(scores, top, n, 1);
         float *o = a->out + r * s->heads * dh + h * dh;
         for (int64_t i = 0; i < dh; i++) o[i] = 0.0f;
         for (int64_t t = 0; t < n; t++) {
             const float p = scores[t] * inverse;
-            const float *vt = values + t * dh;
+            const float *vt = a->v + kv_offset(s, b, g, t);
             for (int64_t i = 0; i < dh; i++) o[i] += p * vt[i];
         }
     }
@@ -125,20 +140,20 @@ static void block(Step *s, const int64_t *w, float *x, float *h, float *qkv, flo
     matvec(s, h, at(w, QKV), at(w, QKV_SCALE), qkv, d, width);
     for (int64_t r = 0; r < rows; r++) {
         float *row = qkv + r * width;
-        const int64_t b = r / s->n_new, position = s->past + r % s->n_new;
+        const int64_t b = r / s->n_new, position = s->past[b] + r % s->n_new;
         if (s->rotations) {
             const float *rot = s->rotations + position * dh; /* (d_head / 2) (cos, sin) pairs */
             rope(row, rot, s->heads, dh);
             rope(row + q_dim, rot, s->kv_heads, dh);
         }
         for (int64_t g = 0; g < s->kv_heads; g++) {
-            const int64_t slot = ((b * s->kv_heads + g) * s->max_len + position) * dh;
+            const int64_t slot = kv_offset(s, b, g, position);
             memcpy(k_cache + slot, row + q_dim + g * dh, (size_t)dh * sizeof(float));
             memcpy(v_cache + slot, row + q_dim + kv_dim + g * dh, (size_t)dh * sizeof(float));
         }
     }
     AttentionArgs a = {s, qkv, k_cache, v_cache, att, scores};
-    run(attention_range, &a, rows * s->heads, threads_for(rows * s->heads, (s->past + 1) * dh * 2, s->threads));
+    run(attention_range, &a, rows * s->heads, threads_for(rows * s->heads, s->longest * dh * 2, s->threads));
     matvec(s, att, at(w, WO), at(w, WO_SCALE), h, q_dim, d);
     for (int64_t i = 0; i < rows * d; i++) x[i] += h[i];
 
@@ -155,28 +170,30 @@ static void block(Step *s, const int64_t *w, float *x, float *h, float *qkv, flo
 
 static PyObject *step(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long x, layers, rotations, ln_final, head, head_scale, logits;
-    long long n_layers, seqs, n_new, d, heads, kv_heads, d_head, d_ff, max_len, past, vocab;
+    unsigned long long x, layers, rotations, ln_final, head, head_scale, logits, past, tables;
+    long long n_layers, seqs, n_new, d, heads, kv_heads, d_head, d_ff, max_len, max_blocks, block_size, vocab;
     float eps;
     int kind, threads;
-    if (!PyArg_ParseTuple(args, "KKLLLLLLLLLLKfiKKKLKi", &x, &layers, &n_layers, &seqs, &n_new, &d, &heads, &kv_heads,
-                          &d_head, &d_ff, &max_len, &past, &rotations, &eps, &kind, &ln_final, &head, &head_scale,
-                          &vocab, &logits, &threads))
+    if (!PyArg_ParseTuple(args, "KKLLLLLLLLKLKLLKfiKKKLKi", &x, &layers, &n_layers, &seqs, &n_new, &d, &heads,
+                          &kv_heads, &d_head, &d_ff, &past, &max_len, &tables, &max_blocks, &block_size, &rotations,
+                          &eps, &kind, &ln_final, &head, &head_scale, &vocab, &logits, &threads))
         return NULL;
-    const int64_t rows = seqs * n_new;
-    if (seqs < 1 || n_new < 1 || rows > MAX_ROWS || past < 0 || past + n_new > max_len || kind < F32 ||
-        kind > INT8 || heads % kv_heads) {
+    const int64_t rows = seqs * n_new, *pasts = PTR(const int64_t, past);
+    int64_t longest = 0;
+    for (int64_t b = 0; b < seqs; b++) longest = pasts[b] + n_new > longest ? pasts[b] + n_new : longest;
+    if (seqs < 1 || n_new < 1 || rows > MAX_ROWS || (!tables && longest > max_len) ||
+        (tables && longest > max_blocks * block_size) || kind < F32 || kind > INT8 || heads % kv_heads) {
         PyErr_SetString(PyExc_ValueError, "decode step: bad shape");
         return NULL;
     }
-    Step s = {rows, n_new, d, heads, kv_heads, d_head, d_ff, max_len, past, eps, kind, threads,
-              PTR(const float, rotations), NULL, {0}};
+    Step s = {rows, n_new, d, heads, kv_heads, d_head, d_ff, pasts, longest, max_len, PTR(const int64_t, tables),
+              max_blocks, block_size, eps, kind, threads, PTR(const float, rotations), NULL, {0}};
     const int64_t width = (heads + 2 * kv_heads) * d_head, wide_in = padded(d > d_ff ? d : d_ff, kind);
     float *h = malloc(sizeof(float) * rows * (d > heads * d_head ? d : heads * d_head));
     float *qkv = malloc(sizeof(float) * rows * width);
     float *att = malloc(sizeof(float) * rows * heads * d_head);
     float *wide = malloc(sizeof(float) * rows * 2 * d_ff);
-    float *scores = malloc(sizeof(float) * (threads > 0 ? threads : 1) * (past + n_new));
+    float *scores = malloc(sizeof(float) * (threads > 0 ? threads : 1) * longest);
     s.x_buffer = malloc(sizeof(float) * rows * wide_in);
     if (!h || !qkv || !att || !wide || !scores || !s.x_buffer) {
         free(h), free(qkv), free(att), free(wide), free(scores), free(s.x_buffer);
@@ -195,8 +212,9 @@ static PyObject *step(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"step", step, METH_VARARGS,
-     "step(x, layers, n_layers, seqs, n_new, d, heads, kv_heads, d_head, d_ff, max_len, past, rotations, eps, kind, "
-     "ln_final, head, head_scale, vocab, logits, threads): x (seqs * n_new, d) -> logits (seqs * n_new, vocab)"},
+     "step(x, layers, n_layers, seqs, n_new, d, heads, kv_heads, d_head, d_ff, past, max_len, tables, max_blocks, "
+     "block_size, rotations, eps, kind, ln_final, head, head_scale, vocab, logits, threads): x (seqs * n_new, d) -> "
+     "logits (seqs * n_new, vocab)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -4,13 +4,14 @@ dispatch costs more than a small model's arithmetic (SmolLM2-135M, 30 layers: 40
 docs/benchmarks.md). The modules remain the definition; this path is checked against them
 (tests/test_decode_step.py) and taken only where it computes the same thing:
 
-- a step of one new token per sequence (1 to 16 sequences), or, with float32 decoding weights, a few
-  for each (a speculative draft checked at once, a short prompt; bfloat16 and int8 decoding weights
-  serve steps of one token, as `set_decode_weights` says): at most 16 in all; without autograd, in
+- a step of one new token per sequence, or, with float32 decoding weights, a few for each (a
+  speculative draft checked at once, a short prompt, a prefill chunk; bfloat16 and int8 decoding
+  weights serve steps of one token, as `set_decode_weights` says): at most 64 tokens in all; without autograd, in
   evaluation mode, float32 weights on the CPU;
 - the standard blocks: pre-norm, SwiGLU, RoPE (or no position embedding);
-- contiguous KV caches (`KVCache`) all at the same length, no padding mask, positions that continue
-  the cache (as `generate` runs an unpadded batch and `speculative` checks a draft).
+- contiguous KV caches (`KVCache`) all at the same length with no padding mask (as `generate` runs an
+  unpadded batch and `speculative` checks a draft), or the serving engine's paged caches (each sequence
+  at its own length, its keys found through its block table); positions that continue the caches.
 
 The weights (the LM head's too) are packed once per format (`set_decode_weights`: float32, bfloat16 or int8 per output
 channel) into a `DecodePlan` kept on the model, rebuilt when a weight changes (its version counter) or
@@ -77,12 +78,35 @@ def decode_kind(model) -> str:
     return getattr(model.layers[0].attn, "decode_weights", "float32") if len(model.layers) else "float32"
 
 
+def _layout(caches, seqs: int, n_new: int) -> dict | None:
+    """Where the caches keep keys and values, as `_decode.step` reads them, or None if it cannot: the
+    contiguous `KVCache`s of `generate` (all at one length), or the serving engine's paged ones (a
+    block pool and block tables; each sequence at its own length)."""
+    first = caches[0]
+    if getattr(first, "paged", False):
+        if not all(getattr(c, "paged", False) and c.tables is first.tables for c in caches):
+            return None
+        k = [c.pool.k[c.layer] for c in caches]
+        v = [c.pool.v[c.layer] for c in caches]
+        tables = first.tables.contiguous()
+        if tables.shape[0] != seqs:
+            return None
+        past = (first.lengths - n_new).contiguous()
+        return {"k": k, "v": v, "past": past, "max_len": 0, "tables": tables, "block_size": first.pool.block_size}
+    if not all(type(c) is KVCache and c.length == first.length for c in caches):
+        return None
+    if first.length + n_new > first.k.shape[2] or first.k.shape[0] != seqs:  # full: the modules say so
+        return None
+    past = torch.full((seqs,), first.length, dtype=torch.int64)
+    return {"k": [c.k for c in caches], "v": [c.v for c in caches], "past": past, "max_len": first.k.shape[2],
+            "tables": None, "block_size": 0}  # fmt: skip
+
+
 def applies(model, token_ids: Tensor, positions: Tensor | None, caches, key_mask: Tensor | None) -> bool:
     """Whether `step` computes this step (see the module's docstring for what it takes)."""
     c = model.config
     if (
         _decode is None
-        or key_mask is not None
         or token_ids.dim() != 2
         or not 1 <= token_ids.numel() <= _decode.MAX_ROWS
         or token_ids.device.type != "cpu"
@@ -92,51 +116,51 @@ def applies(model, token_ids: Tensor, positions: Tensor | None, caches, key_mask
         or c.ffn != "swiglu"
         or model.lm_head.weight.dtype != torch.float32
         or not caches
+        or len(caches) != len(model.layers)
     ):
         return False
-    past, n_new = caches[0].length, token_ids.shape[1]
-    if past + n_new > c.context_length:  # the modules say so
-        return False
+    seqs, n_new = token_ids.shape
     if n_new > 1 and decode_kind(model) != "float32":  # quantized weights serve steps of one token only
         return False
-    for cache in caches:
-        if type(cache) is not KVCache or cache.length != past or cache.k.dtype != torch.float32:
-            return False
-        if past + n_new > cache.k.shape[2]:  # full: the modules' path says so
-            return False
-        if not (cache.k.is_contiguous() and cache.v.is_contiguous()) or cache.k.shape[0] != token_ids.shape[0]:
-            return False
-    if positions is None:
-        return True
-    expected = torch.arange(past, past + n_new, device=positions.device)
-    return positions.shape[-1] == n_new and bool((positions == expected).all())
+    layout = _layout(caches, seqs, n_new)
+    if layout is None or (key_mask is not None and layout["tables"] is None):  # padding: the modules' masks
+        return False
+    if any(k.dtype != torch.float32 or not k.is_contiguous() for k in layout["k"] + layout["v"]):
+        return False
+    if int(layout["past"].max()) + n_new > c.context_length:  # the modules say so
+        return False
+    expected = layout["past"][:, None] + torch.arange(n_new)
+    return positions is None or (positions.shape[-1] == n_new and bool((positions == expected).all()))
 
 
-def step(model, token_ids: Tensor, caches: list[KVCache]) -> Tensor:
-    """The logits (batch, n_new, vocab) after the new tokens of each sequence; each cache gains them.
+def step(model, token_ids: Tensor, caches) -> Tensor:
+    """The logits (batch, n_new, vocab) after the new tokens of each sequence, which the caches gain.
     token_ids: (batch, n_new). Check `applies` first."""
     c = model.config
     kind = decode_kind(model)
     plan = getattr(model, "_decode_plan", None)
     if plan is None or not plan.matches(model, kind):
         plan = model._decode_plan = DecodePlan(model, kind)
-    table = plan.table.clone()
-    for i, cache in enumerate(caches):
-        table[i, K_CACHE], table[i, V_CACHE] = cache.k.data_ptr(), cache.v.data_ptr()
     seqs, n_new = token_ids.shape
+    layout = _layout(caches, seqs, n_new)
+    table = plan.table.clone()
+    for i, (k, v) in enumerate(zip(layout["k"], layout["v"], strict=True)):
+        table[i, K_CACHE], table[i, V_CACHE] = k.data_ptr(), v.data_ptr()
     x = model.token_embeddings(token_ids.reshape(-1)).float().contiguous()  # (rows, d_model), updated in place
     logits = x.new_empty(x.shape[0], c.vocab_size)
-    past = caches[0].length
     rope = model.layers[0].attn.rope if len(model.layers) else None
     rotations = rope.rotations.float().contiguous() if rope is not None else None
-    max_len = caches[0].k.shape[2]
+    tables = layout["tables"]
     _decode.step(
         x.data_ptr(), table.data_ptr(), len(model.layers), seqs, n_new, c.d_model, c.n_heads, c.n_kv_heads,
-        c.d_head, c.d_ff, max_len, past, 0 if rotations is None else rotations.data_ptr(), c.norm_eps,
-        kernels.PACKED_KINDS[kind], plan.ln_final.data_ptr(), plan.head.data.data_ptr(),
+        c.d_head, c.d_ff, layout["past"].data_ptr(), layout["max_len"], 0 if tables is None else tables.data_ptr(),
+        0 if tables is None else tables.shape[1], layout["block_size"],
+        0 if rotations is None else rotations.data_ptr(), c.norm_eps, kernels.PACKED_KINDS[kind],
+        plan.ln_final.data_ptr(), plan.head.data.data_ptr(),
         0 if plan.head.scale is None else plan.head.scale.data_ptr(), c.vocab_size, logits.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
-    for cache in caches:
-        cache.length = past + n_new
+    if tables is None:
+        for cache in caches:
+            cache.length += n_new
     return logits.view(seqs, n_new, -1)

@@ -114,6 +114,8 @@ class PagedLayerCache:
     A decoding step (one new position per sequence, float32 on CPU) skips the gather: `attend` runs
     `_paged.c`, which reads each sequence's keys and values where they lie in the pool."""
 
+    paged = True  # the C decoding step reads such caches through their block tables (`model.decode_step`)
+
     def __init__(self, pool: BlockPool, layer: int, rows_new: Tensor, tables: Tensor, cached: int, lengths: Tensor):
         self.pool, self.layer, self.rows_new, self.tables, self.length = pool, layer, rows_new, tables, cached
         self.lengths = lengths
