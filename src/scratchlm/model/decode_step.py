@@ -1,21 +1,21 @@
 """A decoding step of a TransformerLM on the CPU in one C call (`_decode.c`): every block and the LM
-head for the new token of each sequence, in place of the ~15 PyTorch operations a layer that the modules run, whose
-dispatch costs more than a small model's arithmetic (SmolLM2-135M, 30 layers: 40 -> see
+head for the new tokens, in place of the ~15 PyTorch operations a layer that the modules run, whose
+dispatch cost more than a small model's arithmetic (SmolLM2-135M, 30 layers, batch 1: 25 -> 63 tok/s,
 docs/benchmarks.md). The modules remain the definition; this path is checked against them
 (tests/test_decode_step.py) and taken only where it computes the same thing:
 
-- a step of one new token per sequence, or, with float32 decoding weights, a few for each (a
-  speculative draft checked at once, a short prompt, a prefill chunk; bfloat16 and int8 decoding
-  weights serve steps of one token, as `set_decode_weights` says): at most 64 tokens in all; without autograd, in
-  evaluation mode, float32 weights on the CPU;
+- one new token per sequence, or, with float32 decoding weights, a few each (a speculative draft
+  checked at once, a short prompt, a prefill chunk; bfloat16 and int8 decoding weights serve steps of
+  one token, as `set_decode_weights` says): at most 64 tokens a call; without autograd, in evaluation
+  mode, float32 weights, on the CPU;
 - the standard blocks: pre-norm, SwiGLU, RoPE (or no position embedding);
 - contiguous KV caches (`KVCache`) all at the same length with no padding mask (as `generate` runs an
   unpadded batch and `speculative` checks a draft), or the serving engine's paged caches (each sequence
   at its own length, its keys found through its block table); positions that continue the caches.
 
-The weights (the LM head's too) are packed once per format (`set_decode_weights`: float32, bfloat16 or int8 per output
-channel) into a `DecodePlan` kept on the model, rebuilt when a weight changes (its version counter) or
-the format does.
+The weights (the LM head's too) are packed once per format (`kernels.pack_weight`: float32, bfloat16
+or int8 per output channel) into a `DecodePlan` kept on the model, a copy of the weights in that
+format, rebuilt when a weight changes (its version counter) or the format does.
 """
 
 from __future__ import annotations
