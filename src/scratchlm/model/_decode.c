@@ -33,6 +33,7 @@ typedef struct {
     int64_t max_len;
     const int64_t *tables;
     int64_t max_blocks, block_size;
+    int64_t *key_rows; /* (sequences, longest): the row of each position, in the pool or in the sequence */
     float eps;
     int kind, threads;
     const float *rotations; /* (positions, d_head / 2, 2): cos, sin; NULL without RoPE */
@@ -67,7 +68,7 @@ static void matvec(Step *s, const float *x, const void *w, const float *scale, f
 }
 
 /* out = x / sqrt(mean(x^2) + eps) * gain, per row. */
-static void rms_norm(const float *x, const float *gain, float *out, int64_t rows, int64_t d, float eps) {
+VECTORIZED static void rms_norm(const float *x, const float *gain, float *out, int64_t rows, int64_t d, float eps) {
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * d;
         const float inverse = 1.0f / sqrtf(dot(xr, xr, d) / (float)d + eps);
@@ -76,7 +77,7 @@ static void rms_norm(const float *x, const float *gain, float *out, int64_t rows
 }
 
 /* Rotates each pair (v[2i], v[2i+1]) of each of `heads` heads by its angle: rot = (cos, sin) pairs. */
-static void rope(float *v, const float *rot, int64_t heads, int64_t d_head) {
+VECTORIZED static void rope(float *v, const float *rot, int64_t heads, int64_t d_head) {
     for (int64_t h = 0; h < heads; h++) {
         float *vh = v + h * d_head;
         for (int64_t i = 0; i < d_head / 2; i++) {
@@ -89,9 +90,18 @@ static void rope(float *v, const float *rot, int64_t heads, int64_t d_head) {
 
 /* Where key / value head g of position t of sequence b lies in a layer's cache (in floats). */
 INLINE int64_t kv_offset(const Step *s, int64_t b, int64_t g, int64_t t) {
-    if (!s->tables) return ((b * s->kv_heads + g) * s->max_len + t) * s->d_head;
-    const int64_t row = s->tables[b * s->max_blocks + t / s->block_size] * s->block_size + t % s->block_size;
+    const int64_t row = s->key_rows[b * s->longest + t];
+    if (!s->tables) return ((b * s->kv_heads + g) * s->max_len + row) * s->d_head;
     return (row * s->kv_heads + g) * s->d_head;
+}
+
+/* key_rows: position t of sequence b at row t of its cache, or at pool row tables[b, t / block_size] *
+ * block_size + t % block_size; the same for every layer, so found once a step. */
+static void find_key_rows(Step *s, int64_t seqs) {
+    for (int64_t b = 0; b < seqs; b++)
+        for (int64_t t = 0; t < s->past[b] + s->n_new; t++)
+            s->key_rows[b * s->longest + t] =
+                s->tables ? s->tables[b * s->max_blocks + t / s->block_size] * s->block_size + t % s->block_size : t;
 }
 
 typedef struct {
@@ -104,7 +114,7 @@ typedef struct {
 
 /* softmax(q k^T / sqrt(d_head)) v for the (row, head) items [begin, end): row r, the i-th new token of
  * sequence b, sees positions 0..past[b]+i of its sequence. */
-static void attention_range(const void *args, int64_t begin, int64_t end, int part) {
+VECTORIZED static void attention_range(const void *args, int64_t begin, int64_t end, int part) {
     const AttentionArgs *a = args;
     const Step *s = a->s;
     const int64_t dh = s->d_head, group = s->heads / s->kv_heads;
@@ -125,6 +135,14 @@ static void attention_range(const void *args, int64_t begin, int64_t end, int pa
             const float *vt = a->v + kv_offset(s, b, g, t);
             for (int64_t i = 0; i < dh; i++) o[i] += p * vt[i];
         }
+    }
+}
+
+/* silu(gate) * up for each row of gate|up (rows, 2 d_ff), into the gate's half. */
+VECTORIZED static void swiglu(float *wide, int64_t rows, int64_t d_ff) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *gate = wide + r * 2 * d_ff, *up = gate + d_ff;
+        for (int64_t i = 0; i < d_ff; i++) gate[i] = gate[i] / (1.0f + exp_poly(-gate[i])) * up[i];
     }
 }
 
@@ -159,10 +177,7 @@ static void block(Step *s, const int64_t *w, float *x, float *h, float *qkv, flo
 
     rms_norm(x, at(w, LN2), h, rows, d, s->eps);
     matvec(s, h, at(w, W13), at(w, W13_SCALE), wide, d, 2 * d_ff);
-    for (int64_t r = 0; r < rows; r++) { /* silu(gate) * up, into the gate's half */
-        float *gate = wide + r * 2 * d_ff, *up = gate + d_ff;
-        for (int64_t i = 0; i < d_ff; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-    }
+    swiglu(wide, rows, d_ff);
     for (int64_t r = 1; r < rows; r++) memmove(wide + r * d_ff, wide + r * 2 * d_ff, (size_t)d_ff * sizeof(float));
     matvec(s, wide, at(w, W2), at(w, W2_SCALE), h, d_ff, d);
     for (int64_t i = 0; i < rows * d; i++) x[i] += h[i];
@@ -187,7 +202,7 @@ static PyObject *step(PyObject *self, PyObject *args) {
         return NULL;
     }
     Step s = {rows, n_new, d, heads, kv_heads, d_head, d_ff, pasts, longest, max_len, PTR(const int64_t, tables),
-              max_blocks, block_size, eps, kind, threads, PTR(const float, rotations), NULL, {0}};
+              max_blocks, block_size, NULL, eps, kind, threads, PTR(const float, rotations), NULL, {0}};
     const int64_t width = (heads + 2 * kv_heads) * d_head, wide_in = padded(d > d_ff ? d : d_ff, kind);
     float *h = malloc(sizeof(float) * rows * (d > heads * d_head ? d : heads * d_head));
     float *qkv = malloc(sizeof(float) * rows * width);
@@ -195,18 +210,20 @@ static PyObject *step(PyObject *self, PyObject *args) {
     float *wide = malloc(sizeof(float) * rows * 2 * d_ff);
     float *scores = malloc(sizeof(float) * (threads > 0 ? threads : 1) * longest);
     s.x_buffer = malloc(sizeof(float) * rows * wide_in);
-    if (!h || !qkv || !att || !wide || !scores || !s.x_buffer) {
-        free(h), free(qkv), free(att), free(wide), free(scores), free(s.x_buffer);
+    s.key_rows = malloc(sizeof(int64_t) * seqs * longest);
+    if (!h || !qkv || !att || !wide || !scores || !s.x_buffer || !s.key_rows) {
+        free(h), free(qkv), free(att), free(wide), free(scores), free(s.x_buffer), free(s.key_rows);
         return PyErr_NoMemory();
     }
     float *state = PTR(float, x);
     const int64_t *table = PTR(const int64_t, layers);
     Py_BEGIN_ALLOW_THREADS
+    find_key_rows(&s, seqs);
     for (int64_t l = 0; l < n_layers; l++) block(&s, table + l * FIELDS, state, h, qkv, att, wide, scores);
     rms_norm(state, PTR(const float, ln_final), h, rows, d, eps);
     matvec(&s, h, PTR(const void, head), PTR(const float, head_scale), PTR(float, logits), d, vocab);
     Py_END_ALLOW_THREADS
-    free(h), free(qkv), free(att), free(wide), free(scores), free(s.x_buffer);
+    free(h), free(qkv), free(att), free(wide), free(scores), free(s.x_buffer), free(s.key_rows);
     Py_RETURN_NONE;
 }
 

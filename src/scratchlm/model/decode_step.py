@@ -39,7 +39,10 @@ class DecodePlan:
     """The blocks' weights packed for `_decode.step`, and the table of their addresses, one row a layer."""
 
     def __init__(self, model, kind: str) -> None:
-        self.kind, self.key = kind, self._key(model, kind)
+        # the modules whose `weight` the plan copies: read again at each step to notice a change
+        self.owners = [m for m in model.layers.modules() if isinstance(getattr(m, "weight", None), Tensor)]
+        self.owners += [model.ln_final, model.lm_head]
+        self.kind, self.key = kind, self._key(kind)
         self.keep: list[Tensor] = []  # what the table's addresses point into
         self.table = torch.zeros(len(model.layers), _decode.FIELDS, dtype=torch.int64)
         for i, layer in enumerate(model.layers):
@@ -64,13 +67,12 @@ class DecodePlan:
         self.keep.append(tensor)
         self.table[layer, column] = tensor.data_ptr()
 
-    @staticmethod
-    def _key(model, kind: str) -> tuple:
-        weights = [*model.layers.parameters(), model.ln_final.weight, model.lm_head.weight]
-        return kind, tuple((p._version, p.data_ptr()) for p in weights)
+    def _key(self, kind: str) -> tuple:
+        return kind, tuple((m.weight._version, m.weight.data_ptr()) for m in self.owners)
 
-    def matches(self, model, kind: str) -> bool:
-        return self._key(model, kind) == self.key
+    def matches(self, kind: str) -> bool:
+        """Whether the plan still holds the model's weights (none changed in place or replaced) in `kind`."""
+        return self._key(kind) == self.key
 
 
 def decode_kind(model) -> str:
@@ -102,8 +104,9 @@ def _layout(caches, seqs: int, n_new: int) -> dict | None:
             "tables": None, "block_size": 0}  # fmt: skip
 
 
-def applies(model, token_ids: Tensor, positions: Tensor | None, caches, key_mask: Tensor | None) -> bool:
-    """Whether `step` computes this step (see the module's docstring for what it takes)."""
+def applies(model, token_ids: Tensor, positions: Tensor | None, caches, key_mask: Tensor | None) -> dict | None:
+    """Where the caches keep keys and values if `step` computes this step (see the module's docstring for
+    what it takes), else None."""
     c = model.config
     if (
         _decode is None
@@ -118,31 +121,32 @@ def applies(model, token_ids: Tensor, positions: Tensor | None, caches, key_mask
         or not caches
         or len(caches) != len(model.layers)
     ):
-        return False
+        return None
     seqs, n_new = token_ids.shape
     if n_new > 1 and decode_kind(model) != "float32":  # quantized weights serve steps of one token only
-        return False
+        return None
     layout = _layout(caches, seqs, n_new)
     if layout is None or (key_mask is not None and layout["tables"] is None):  # padding: the modules' masks
-        return False
+        return None
     if any(k.dtype != torch.float32 or not k.is_contiguous() for k in layout["k"] + layout["v"]):
-        return False
+        return None
     if int(layout["past"].max()) + n_new > c.context_length:  # the modules say so
-        return False
+        return None
     expected = layout["past"][:, None] + torch.arange(n_new)
-    return positions is None or (positions.shape[-1] == n_new and bool((positions == expected).all()))
+    if positions is not None and (positions.shape[-1] != n_new or not bool((positions == expected).all())):
+        return None
+    return layout
 
 
-def step(model, token_ids: Tensor, caches) -> Tensor:
+def step(model, token_ids: Tensor, caches, layout: dict) -> Tensor:
     """The logits (batch, n_new, vocab) after the new tokens of each sequence, which the caches gain.
-    token_ids: (batch, n_new). Check `applies` first."""
+    token_ids: (batch, n_new); layout: what `applies` returned."""
     c = model.config
     kind = decode_kind(model)
     plan = getattr(model, "_decode_plan", None)
-    if plan is None or not plan.matches(model, kind):
+    if plan is None or not plan.matches(kind):
         plan = model._decode_plan = DecodePlan(model, kind)
     seqs, n_new = token_ids.shape
-    layout = _layout(caches, seqs, n_new)
     table = plan.table.clone()
     for i, (k, v) in enumerate(zip(layout["k"], layout["v"], strict=True)):
         table[i, K_CACHE], table[i, V_CACHE] = k.data_ptr(), v.data_ptr()

@@ -111,8 +111,8 @@ class TransformerLM(nn.Module):
     ) -> Tensor:
         """token_ids: (batch, seq) -> logits (batch, seq, vocab_size). See `hidden_states` for the rest.
         A decoding step on the CPU runs in one C call where it can (`decode_step`)."""
-        if caches and decode_step.applies(self, token_ids, positions, caches, key_mask):
-            return decode_step.step(self, token_ids, caches)
+        if caches and (layout := decode_step.applies(self, token_ids, positions, caches, key_mask)):
+            return decode_step.step(self, token_ids, caches, layout)
         return self.lm_head(self.hidden_states(token_ids, positions, caches, key_mask))
 
     def new_caches(self, batch: int, device=None, dtype=None, max_len: int | None = None) -> list[KVCache]:

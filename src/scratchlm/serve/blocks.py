@@ -91,11 +91,16 @@ class BlockPool:
         return blocks * self.block_size + positions % self.block_size
 
 
+def chain_hash(previous: int, block: list[int]) -> int:
+    """The hash of a full block of tokens, chained to the hash of the blocks before it (0 for none)."""
+    return hash((previous, tuple(block)))
+
+
 def block_hashes(tokens: list[int], block_size: int) -> list[int]:
     """The chained hash of each full block of `tokens`."""
     out, previous = [], 0
     for i in range(len(tokens) // block_size):
-        previous = hash((previous, tuple(tokens[i * block_size : (i + 1) * block_size])))
+        previous = chain_hash(previous, tokens[i * block_size : (i + 1) * block_size])
         out.append(previous)
     return out
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from scratchlm.errors import ScratchLMError
 from scratchlm.infer.generate import Generation, Sampling, _emit, check_fits, sample_next
-from scratchlm.serve.blocks import BlockPool, OutOfBlocks, PagedLayerCache, block_hashes
+from scratchlm.serve.blocks import BlockPool, OutOfBlocks, PagedLayerCache, block_hashes, chain_hash
 
 
 @dataclass(eq=False)  # requests are compared by identity
@@ -43,6 +43,7 @@ class Request:
     tokens: list[int] = field(default_factory=list)  # prompt + output so far (what the cache must hold)
     table: list[int] = field(default_factory=list)  # block ids
     computed: int = 0  # positions whose keys and values are in the blocks
+    hashes: list[int] = field(default_factory=list)  # the chained hashes of its full blocks, as far as known
     finished: bool = False
     preemptions: int = 0
 
@@ -131,10 +132,14 @@ class Engine:
         chunks = self._reserve(chunks, decoding)
         decoding = [r for r in decoding if r in self.running]
         produced = []
-        for r, n in chunks:
-            logits = self._forward([r], n)
-            if r.computed == len(r.tokens):  # the whole prompt is in: its next token
-                produced += self._sample([r], logits)
+        by_length: dict[int, list[Request]] = {}
+        for r, n in chunks:  # prefill chunks of one length go through the model together
+            by_length.setdefault(n, []).append(r)
+        for n, group in by_length.items():
+            logits = self._forward(group, n)
+            done = [i for i, r in enumerate(group) if r.computed == len(r.tokens)]  # whole prompts: their next token
+            if done:
+                produced += self._sample([group[i] for i in done], logits[done])
         if decoding:
             produced += self._sample(decoding, self._forward(decoding, 1))
         self.stats.steps += 1
@@ -187,28 +192,28 @@ class Engine:
     def _forward(self, batch: list[Request], n_new: int) -> Tensor:
         """Feed `n_new` tokens of each sequence from its `computed` position; the last position's logits (b, V)."""
         bs = self.pool.block_size
-        cached = max(r.computed for r in batch)
-        rows_new = torch.stack([self.pool.slots(r.table, r.computed, r.computed + n_new) for r in batch])
-        tables = torch.zeros(len(batch), max(-(-(cached + n_new) // bs), 1), dtype=torch.long)
-        lengths = torch.tensor([r.computed + n_new for r in batch], dtype=torch.long)
-        key_mask = torch.ones(len(batch), cached + n_new, dtype=torch.bool)
-        for i, r in enumerate(batch):
-            used = -(-(r.computed + n_new) // bs)  # the blocks of the new positions too (the paged kernel reads them)
-            tables[i, :used] = torch.tensor(r.table[:used], dtype=torch.long)
-            key_mask[i, r.computed : cached] = False  # the gap before this sequence's new positions
+        computed = torch.tensor([r.computed for r in batch])
+        cached = int(computed.max())
+        steps = torch.arange(n_new)
+        positions = computed[:, None] + steps  # (b, n_new)
+        used = -(-(cached + n_new) // bs)  # the blocks of the new positions too (the paged kernel reads them)
+        tables = torch.tensor([r.table[:used] + [0] * (used - len(r.table[:used])) for r in batch], dtype=torch.long)
+        rows_new = tables.gather(1, positions // bs) * bs + positions % bs
+        lengths = computed + n_new
         ids = torch.tensor([r.tokens[r.computed : r.computed + n_new] for r in batch], device=self.device)
-        positions = torch.tensor([list(range(r.computed, r.computed + n_new)) for r in batch], device=self.device)
         caches = [
             PagedLayerCache(self.pool, i, rows_new, tables, cached, lengths) for i in range(self.model.config.n_layers)
         ]
-        padded = any(r.computed != cached for r in batch)
-        logits = self.model(ids, positions, caches, key_mask.to(self.device) if padded else None)[:, -1]
+        key_mask = None
+        if bool((computed != cached).any()):  # the gap before a shorter sequence's new positions is hidden
+            keys = torch.arange(cached + n_new)[None, :]
+            key_mask = ((keys < computed[:, None]) | (keys >= cached)).to(self.device)
+        logits = self.model(ids, positions.to(self.device), caches, key_mask)[:, -1]
         for r in batch:
             start = r.computed
             r.computed += n_new
-            hashes = block_hashes(r.tokens[: r.computed], bs)
             for i in range(start // bs, r.computed // bs):  # blocks that became full
-                self.pool.register(r.table[i], hashes[i])
+                self.pool.register(r.table[i], self._block_hash(r, i))
         if batch[0].computed - n_new < len(batch[0].prompt_ids):
             self.stats.prefill_tokens += n_new * len(batch)
         else:
@@ -216,6 +221,14 @@ class Engine:
         if self.valid < logits.shape[-1]:
             logits[:, self.valid :] = float("-inf")
         return logits
+
+    def _block_hash(self, r: Request, i: int) -> int:
+        """The chained hash of block i of a sequence (`block_hashes`), extending those already known."""
+        bs = self.pool.block_size
+        while len(r.hashes) <= i:
+            j = len(r.hashes)
+            r.hashes.append(chain_hash(r.hashes[-1] if j else 0, r.tokens[j * bs : (j + 1) * bs]))
+        return r.hashes[i]
 
     def _sample(self, batch: list[Request], logits: Tensor) -> list[tuple[int, int]]:
         produced = []
