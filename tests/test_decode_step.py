@@ -108,6 +108,36 @@ def test_the_serving_engine_s_paged_steps_run_in_c(monkeypatch):
     assert len(calls) == len(passes) > 10  # every forward pass, prefill chunks and decoding steps, took the C step
 
 
+@pytest.mark.parametrize("kind", ["float32", "int8"])
+def test_a_left_padded_batch_decodes_as_the_modules_do(kind, monkeypatch):
+    """`generate`'s batch of prompts of different lengths, left-padded: each sequence's RoPE counts from
+    its first token and no row sees the padding; logits at every step as the modules compute them."""
+    model = small_model(n_kv_heads=2)
+    set_decode_weights(model, kind)
+    lengths = [3, 7, 5]
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    key_mask = torch.zeros(3, 12, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        ids[i, 7 - n :] = torch.arange(1, n + 1) * (i + 2) % 97
+        key_mask[i, 7 - n :] = True
+    positions = (torch.arange(12)[None, :] - torch.tensor([7 - n for n in lengths])[:, None]).clamp(min=0)
+    results = []
+    for in_c in (True, False):
+        with monkeypatch.context() as patch, torch.no_grad():
+            if not in_c:
+                patch.setattr(decode_step, "_decode", None)
+            caches = model.new_caches(3, max_len=12)
+            logits = model(ids, positions[:, :7], caches, key_mask[:, :7])[:, -1]
+            steps = []
+            for length in range(8, 13):
+                token = logits.argmax(-1)[:, None]
+                logits = model(token, positions[:, length - 1 : length], caches, key_mask[:, :length])[:, -1]
+                steps.append(logits)
+            results.append(torch.stack(steps))
+    assert model._decode_plan.kind == kind
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
 def test_greedy_generation_is_the_same_with_and_without_the_c_step(monkeypatch):
     from scratchlm.infer.generate import Sampling, generate
 
@@ -144,11 +174,18 @@ def test_what_the_c_step_leaves_to_the_modules():
     token = torch.zeros(2, 1, dtype=torch.long)
     with torch.no_grad():
         assert decode_step.applies(model, token, None, caches, None)
-        assert not decode_step.applies(model, token, None, caches, torch.ones(2, 1, dtype=torch.bool))  # padding
+        assert decode_step.applies(model, token, None, caches, torch.ones(2, 1, dtype=torch.bool))  # no padding
+        gaps = model.new_caches(2, max_len=8)
+        for cache in gaps:
+            cache.length = 2
+        left, other = torch.tensor([[False, True, True], [True, True, True]]), torch.tensor([[True, False, True]] * 2)
+        assert decode_step.applies(model, token, torch.tensor([[1], [2]]), gaps, left)  # left padding
+        assert not decode_step.applies(model, token, None, gaps, other)  # a gap: the modules' masks
         assert decode_step.applies(model, torch.zeros(2, 3, dtype=torch.long), None, caches, None)  # short prompts
         assert not decode_step.applies(model, torch.zeros(2, 9, dtype=torch.long), None, caches, None)  # too long
-        wide = small_model(context_length=128)
-        assert not decode_step.applies(wide, torch.zeros(1, 65, dtype=torch.long), None, wide.new_caches(1), None)
+        wide = small_model(context_length=300)
+        assert decode_step.applies(wide, torch.zeros(1, 256, dtype=torch.long), None, wide.new_caches(1), None)
+        assert not decode_step.applies(wide, torch.zeros(1, 257, dtype=torch.long), None, wide.new_caches(1), None)
         assert not decode_step.applies(model, token, torch.tensor([[3], [0]]), caches, None)  # positions elsewhere
         caches[0].length = 0
         draft = torch.zeros(2, 4, dtype=torch.long)

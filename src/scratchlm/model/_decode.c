@@ -21,11 +21,12 @@
 /* The columns of the `layers` table, one row per layer. */
 enum { LN1, QKV, QKV_SCALE, WO, WO_SCALE, LN2, W13, W13_SCALE, W2, W2_SCALE, K_CACHE, V_CACHE, FIELDS };
 
-#define MAX_ROWS 64
+#define MAX_ROWS 256
 
 typedef struct {
     int64_t rows, n_new, d, heads, kv_heads, d_head, d_ff; /* rows = sequences x n_new */
     const int64_t *past;   /* (sequences,): positions cached before this step, each sequence its own */
+    const int64_t *start;  /* (sequences,): its first position (after left padding, which no row sees) */
     int64_t longest;       /* the most keys a row attends to */
     /* where a sequence's keys lie: contiguous caches (sequences, kv_heads, max_len, d_head), or, with
      * `tables`, a paged pool (rows of the pool, kv_heads, d_head), position t of sequence b at pool row
@@ -123,16 +124,16 @@ VECTORIZED static void attention_range(const void *args, int64_t begin, int64_t 
     float *scores = a->scores + part * s->longest;
     for (int64_t item = begin; item < end; item++) {
         const int64_t r = item / s->heads, h = item % s->heads, b = r / s->n_new, g = h / group;
-        const int64_t n = s->past[b] + r % s->n_new + 1;
+        const int64_t first = s->start[b], n = s->past[b] + r % s->n_new + 1 - first;
         const float *q = a->qkv + r * width + h * dh;
-        for (int64_t t = 0; t < n; t++) scores[t] = dot(q, a->k + kv_offset(s, b, g, t), dh) * scale_;
+        for (int64_t t = 0; t < n; t++) scores[t] = dot(q, a->k + kv_offset(s, b, g, first + t), dh) * scale_;
         const float top = row_max(scores, n);
         const float inverse = 1.0f / exp_sum(scores, top, n, 1);
         float *o = a->out + r * s->heads * dh + h * dh;
         for (int64_t i = 0; i < dh; i++) o[i] = 0.0f;
         for (int64_t t = 0; t < n; t++) {
             const float p = scores[t] * inverse;
-            const float *vt = a->v + kv_offset(s, b, g, t);
+            const float *vt = a->v + kv_offset(s, b, g, first + t);
             for (int64_t i = 0; i < dh; i++) o[i] += p * vt[i];
         }
     }
@@ -159,8 +160,8 @@ static void block(Step *s, const int64_t *w, float *x, float *h, float *qkv, flo
     for (int64_t r = 0; r < rows; r++) {
         float *row = qkv + r * width;
         const int64_t b = r / s->n_new, position = s->past[b] + r % s->n_new;
-        if (s->rotations) {
-            const float *rot = s->rotations + position * dh; /* (d_head / 2) (cos, sin) pairs */
+        if (s->rotations) { /* RoPE counts positions from the sequence's first token */
+            const float *rot = s->rotations + (position - s->start[b]) * dh; /* (d_head / 2) (cos, sin) pairs */
             rope(row, rot, s->heads, dh);
             rope(row + q_dim, rot, s->kv_heads, dh);
         }
@@ -185,13 +186,13 @@ static void block(Step *s, const int64_t *w, float *x, float *h, float *qkv, flo
 
 static PyObject *step(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long x, layers, rotations, ln_final, head, head_scale, logits, past, tables;
+    unsigned long long x, layers, rotations, ln_final, head, head_scale, logits, past, start, tables;
     long long n_layers, seqs, n_new, d, heads, kv_heads, d_head, d_ff, max_len, max_blocks, block_size, vocab;
     float eps;
     int kind, threads;
-    if (!PyArg_ParseTuple(args, "KKLLLLLLLLKLKLLKfiKKKLKi", &x, &layers, &n_layers, &seqs, &n_new, &d, &heads,
-                          &kv_heads, &d_head, &d_ff, &past, &max_len, &tables, &max_blocks, &block_size, &rotations,
-                          &eps, &kind, &ln_final, &head, &head_scale, &vocab, &logits, &threads))
+    if (!PyArg_ParseTuple(args, "KKLLLLLLLLKKLKLLKfiKKKLKi", &x, &layers, &n_layers, &seqs, &n_new, &d, &heads,
+                          &kv_heads, &d_head, &d_ff, &past, &start, &max_len, &tables, &max_blocks, &block_size,
+                          &rotations, &eps, &kind, &ln_final, &head, &head_scale, &vocab, &logits, &threads))
         return NULL;
     const int64_t rows = seqs * n_new, *pasts = PTR(const int64_t, past);
     int64_t longest = 0;
@@ -201,7 +202,8 @@ static PyObject *step(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "decode step: bad shape");
         return NULL;
     }
-    Step s = {rows, n_new, d, heads, kv_heads, d_head, d_ff, pasts, longest, max_len, PTR(const int64_t, tables),
+    Step s = {rows, n_new, d, heads, kv_heads, d_head, d_ff, pasts, PTR(const int64_t, start), longest, max_len,
+              PTR(const int64_t, tables),
               max_blocks, block_size, NULL, eps, kind, threads, PTR(const float, rotations), NULL, {0}};
     const int64_t width = (heads + 2 * kv_heads) * d_head, wide_in = padded(d > d_ff ? d : d_ff, kind);
     float *h = malloc(sizeof(float) * rows * (d > heads * d_head ? d : heads * d_head));
@@ -229,7 +231,7 @@ static PyObject *step(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"step", step, METH_VARARGS,
-     "step(x, layers, n_layers, seqs, n_new, d, heads, kv_heads, d_head, d_ff, past, max_len, tables, max_blocks, "
+     "step(x, layers, n_layers, seqs, n_new, d, heads, kv_heads, d_head, d_ff, past, start, max_len, tables, max_blocks, "
      "block_size, rotations, eps, kind, ln_final, head, head_scale, vocab, logits, threads): x (seqs * n_new, d) -> "
      "logits (seqs * n_new, vocab)"},
     {NULL, NULL, 0, NULL},

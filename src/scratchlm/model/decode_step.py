@@ -6,12 +6,13 @@ docs/benchmarks.md). The modules remain the definition; this path is checked aga
 
 - one new token per sequence, or, with float32 decoding weights, a few each (a speculative draft
   checked at once, a short prompt, a prefill chunk; bfloat16 and int8 decoding weights serve steps of
-  one token, as `set_decode_weights` says): at most 64 tokens a call; without autograd, in evaluation
+  one token, as `set_decode_weights` says): at most 256 tokens a call; without autograd, in evaluation
   mode, float32 weights, on the CPU;
 - the standard blocks: pre-norm, SwiGLU, RoPE (or no position embedding);
-- contiguous KV caches (`KVCache`) all at the same length with no padding mask (as `generate` runs an
-  unpadded batch and `speculative` checks a draft), or the serving engine's paged caches (each sequence
-  at its own length, its keys found through its block table); positions that continue the caches.
+- contiguous KV caches (`KVCache`) all at the same length, sequences left-padded to it (as `generate`
+  runs a batch and `speculative` checks a draft), or the serving engine's paged caches (each sequence
+  at its own length, its keys found through its block table); positions that continue the caches,
+  counted from each sequence's first token.
 
 The weights (the LM head's too) are packed once per format (`kernels.pack_weight`: float32, bfloat16
 or int8 per output channel) into a `DecodePlan` kept on the model, a copy of the weights in that
@@ -80,10 +81,11 @@ def decode_kind(model) -> str:
     return getattr(model.layers[0].attn, "decode_weights", "float32") if len(model.layers) else "float32"
 
 
-def _layout(caches, seqs: int, n_new: int) -> dict | None:
+def _layout(caches, seqs: int, n_new: int, key_mask: Tensor | None) -> dict | None:
     """Where the caches keep keys and values, as `_decode.step` reads them, or None if it cannot: the
-    contiguous `KVCache`s of `generate` (all at one length), or the serving engine's paged ones (a
-    block pool and block tables; each sequence at its own length)."""
+    contiguous `KVCache`s of `generate` (all at one length, sequences left-padded to it: `key_mask`
+    False on each one's first positions), or the serving engine's paged ones (a block pool and block
+    tables; each sequence at its own length, its key_mask only hiding the gaps that gathering leaves)."""
     first = caches[0]
     if getattr(first, "paged", False):
         if not all(getattr(c, "paged", False) and c.tables is first.tables for c in caches):
@@ -94,14 +96,22 @@ def _layout(caches, seqs: int, n_new: int) -> dict | None:
         if tables.shape[0] != seqs:
             return None
         past = (first.lengths - n_new).contiguous()
-        return {"k": k, "v": v, "past": past, "max_len": 0, "tables": tables, "block_size": first.pool.block_size}
+        return {"k": k, "v": v, "past": past, "start": torch.zeros_like(past), "max_len": 0, "tables": tables,
+                "block_size": first.pool.block_size}  # fmt: skip
     if not all(type(c) is KVCache and c.length == first.length for c in caches):
         return None
     if first.length + n_new > first.k.shape[2] or first.k.shape[0] != seqs:  # full: the modules say so
         return None
     past = torch.full((seqs,), first.length, dtype=torch.int64)
-    return {"k": [c.k for c in caches], "v": [c.v for c in caches], "past": past, "max_len": first.k.shape[2],
-            "tables": None, "block_size": 0}  # fmt: skip
+    start = torch.zeros(seqs, dtype=torch.int64)
+    if key_mask is not None:  # left padding only: False, then True to the end
+        if key_mask.shape != (seqs, first.length + n_new) or key_mask.device.type != "cpu":
+            return None
+        start = (~key_mask).sum(1)
+        if not bool((key_mask == (torch.arange(key_mask.shape[1]) >= start[:, None])).all()):
+            return None
+    return {"k": [c.k for c in caches], "v": [c.v for c in caches], "past": past, "start": start,
+            "max_len": first.k.shape[2], "tables": None, "block_size": 0}  # fmt: skip
 
 
 def applies(model, token_ids: Tensor, positions: Tensor | None, caches, key_mask: Tensor | None) -> dict | None:
@@ -125,14 +135,14 @@ def applies(model, token_ids: Tensor, positions: Tensor | None, caches, key_mask
     seqs, n_new = token_ids.shape
     if n_new > 1 and decode_kind(model) != "float32":  # quantized weights serve steps of one token only
         return None
-    layout = _layout(caches, seqs, n_new)
-    if layout is None or (key_mask is not None and layout["tables"] is None):  # padding: the modules' masks
+    layout = _layout(caches, seqs, n_new, key_mask)
+    if layout is None:
         return None
     if any(k.dtype != torch.float32 or not k.is_contiguous() for k in layout["k"] + layout["v"]):
         return None
     if int(layout["past"].max()) + n_new > c.context_length:  # the modules say so
         return None
-    expected = layout["past"][:, None] + torch.arange(n_new)
+    expected = layout["past"][:, None] + torch.arange(n_new) - layout["start"][:, None]
     if positions is not None and (positions.shape[-1] != n_new or not bool((positions == expected).all())):
         return None
     return layout
@@ -157,7 +167,8 @@ def step(model, token_ids: Tensor, caches, layout: dict) -> Tensor:
     tables = layout["tables"]
     _decode.step(
         x.data_ptr(), table.data_ptr(), len(model.layers), seqs, n_new, c.d_model, c.n_heads, c.n_kv_heads,
-        c.d_head, c.d_ff, layout["past"].data_ptr(), layout["max_len"], 0 if tables is None else tables.data_ptr(),
+        c.d_head, c.d_ff, layout["past"].data_ptr(), layout["start"].data_ptr(), layout["max_len"],
+        0 if tables is None else tables.data_ptr(),
         0 if tables is None else tables.shape[1], layout["block_size"],
         0 if rotations is None else rotations.data_ptr(), c.norm_eps, kernels.PACKED_KINDS[kind],
         plan.ln_final.data_ptr(), plan.head.data.data_ptr(),
