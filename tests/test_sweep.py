@@ -100,7 +100,7 @@ def test_a_run_keeps_its_key_when_the_config_gains_an_option(data_dir, tmp_path,
 def test_a_sweep_runs_skips_what_is_done_and_extends(data_dir, tmp_path):
     path = tmp_path / "sweep.toml"
     path.write_text(spec_text(data_dir, tmp_path / "out"))
-    done = sweep("run", str(path), "--workers", "2")
+    done = sweep("run", str(path), "--workers", "2", "--threads", "1")
     assert done.returncode == 0, done.stderr + done.stdout
     assert "4 runs, 0 done, 4 to run" in done.stdout
     results = json.loads((tmp_path / "out" / "results.json").read_text())

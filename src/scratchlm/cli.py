@@ -371,7 +371,7 @@ def cmd_sweep_run(args: argparse.Namespace) -> None:
     spec, runs = _sweep_runs(args)
     left = [run for run in runs if read_result(run) is None]
     workers = args.workers or 1
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
     flops = sum(r.flops for r in left)
     print(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(left)} done, {len(left)} to run ({flops:.3g} "
           f"FLOPs) with {workers} at a time on {args.executor}", flush=True)  # fmt: skip
@@ -796,6 +796,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_run.add_argument("--executor", choices=["local", "ray"], default="local")
     sweep_run.add_argument("--workers", type=number(int, 1), default=1, help="runs at once (default 1)")
     sweep_run.add_argument("--ray-address", help="a Ray cluster (default: a local Ray instance)")
+    sweep_run.add_argument("--threads", type=number(int, 1), default=None,
+                           help="threads per run (default: the cores / --workers)")  # fmt: skip
     sweep_run.set_defaults(func=cmd_sweep_run)
     sweep_import = sweep_cmds.add_parser("import", help="count runs finished elsewhere (a results.json / .csv) as done")
     sweep_import.add_argument("spec", help="the sweep file (TOML)")
