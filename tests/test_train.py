@@ -311,3 +311,31 @@ def test_train_step_accumulates_the_gradient_of_the_whole_batch(data_dir, tmp_pa
     torch.testing.assert_close(loss_a, loss_b)
     for a, b in zip(params_a, params_b, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_throughput_leaves_out_a_checkpoint_in_the_middle_of_a_log_window(tmp_path):
+    """100 tokens a step, 0.1 s a step, and a 60 s checkpoint after step 5 of a 10-step window: the
+    window's throughput is 1,000 tokens over its 1 s of steps. (Restarting the window at the checkpoint's
+    end while keeping its tokens read 2,000 tok/s, and raised the CPU's recorded peak with it.)"""
+    from types import SimpleNamespace
+
+    from scratchlm.train.metrics import MetricsLog
+    from scratchlm.train.progress import Progress
+
+    peak = SimpleNamespace(mfu=lambda flops_per_s, say: flops_per_s / 1e6)
+    progress = Progress(MetricsLog(tmp_path / "m.jsonl"), peak, flops_per_token=10.0, tokens_per_step=100,
+                        first_step=0, now=0.0, say=lambda *a, **k: None)  # fmt: skip
+    t = 0.0
+    for step in range(1, 21):
+        t += 0.1
+        progress.step_done()
+        if step == 5:  # a checkpoint alone
+            progress.paused(t, t + 60.0)
+            t += 60.0
+        if step % 10 == 0:  # a line, then an evaluation
+            progress.train(step, 20, t, loss=1.0, lr=0.1, grad_norm=None, now=t)
+            progress.paused(t, t + 30.0)
+            t += 30.0
+    records = read_metrics(tmp_path / "m.jsonl")
+    assert [round(r["perf/tokens_per_s"], 6) for r in records] == [1000.0, 1000.0]
+    assert round(records[0]["perf/mfu"], 6) == 0.01

@@ -244,7 +244,8 @@ def _cpu_peak_store() -> tuple[Path, str, dict]:
     from scratchlm.data.sources import cache_dir
 
     path = cache_dir() / "cpu_peak.json"
-    key = f"{os.uname().machine}-{os.cpu_count()}cpu-{torch.get_num_threads()}threads-torch{torch.__version__}-v3"
+    # v4: peaks recorded before it may hold a run's throughput over-read across a checkpoint (fixed)
+    key = f"{os.uname().machine}-{os.cpu_count()}cpu-{torch.get_num_threads()}threads-torch{torch.__version__}-v4"
     try:
         cached = json.loads(path.read_text())
         cached = cached if isinstance(cached, dict) else {}

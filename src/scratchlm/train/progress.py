@@ -54,9 +54,10 @@ class Progress:
     def step_done(self) -> None:
         self.window_tokens += self.tokens_per_step
 
-    def pause_ended(self, now: float) -> None:
-        """An evaluation or a checkpoint just ended: the throughput window restarts here."""
-        self.window_start = now
+    def paused(self, start: float, end: float) -> None:
+        """An evaluation or a checkpoint ran from start to end: the throughput window leaves that time out
+        (it may fall mid-window, a checkpoint every 1,530 steps against a line every 25)."""
+        self.window_start += end - start
 
     def train(self, step: int, total_steps: int, elapsed_s: float, loss: float, lr: float, grad_norm, now: float):
         tokens_per_s = self.window_tokens / (now - self.window_start)
@@ -72,7 +73,7 @@ class Progress:
             f"{tokens_per_s:,.0f} tok/s  MFU {mfu:.1%}  ETA {format_eta(eta)}",
             flush=True,
         )
-        self.window_tokens = 0
+        self.window_start, self.window_tokens = now, 0
 
     def evaluation(self, step: int, elapsed_s: float, result) -> dict:
         record = {"step": step, "time_s": round(elapsed_s, 3), "val/loss": result.loss,

@@ -182,7 +182,7 @@ def _train(config: TrainConfig, device: torch.device, data: tuple, fresh: bool, 
                 if stopping:
                     say(f"saved {path}; resume with the same command")
             if log_due or eval_due or save_due:
-                progress.pause_ended(time.perf_counter())
+                progress.paused(now, time.perf_counter())
             if stopping:
                 break
     log.close()
