@@ -54,9 +54,11 @@ assert "torch" not in sys.modules, "torch was imported"
 
 def _interrupt(command: list[str], cwd: Path, after: float | str) -> subprocess.CompletedProcess:
     """Run `command` in its own process group and send the group SIGINT (as a terminal's Ctrl-C does)
-    `after` seconds, or once stderr shows `after`."""
+    `after` seconds, or once stderr shows `after`. The command starts with SIGINT's default action, as
+    from a terminal, even when the tests run as a shell's background job (which ignores SIGINT)."""
     proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     if isinstance(after, str):
         seen = ""
         while after not in seen and proc.poll() is None:
