@@ -16,7 +16,7 @@ import pytest
 from scratchlm.accounting import training_flops_per_token
 from scratchlm.errors import ScratchLMError
 from scratchlm.executor import Job, LocalExecutor, python_command
-from scratchlm.scaling.sweep import import_results, load_sweep, plan, write_plan
+from scratchlm.scaling.sweep import import_results, load_sweep, plan, variants, write_plan
 from scratchlm.train.config import TrainConfig
 from scratchlm.train.metrics import read_metrics
 
@@ -50,6 +50,27 @@ seeds = [0]
 def sweep(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "scratchlm.cli", "sweep", *args], capture_output=True, text=True,
                           timeout=600)  # fmt: skip
+
+
+def test_an_ablation_table_groups_seeds_by_variant(data_dir, tmp_path):
+    """Two shapes x two seeds at one budget, results by hand: each variant's mean and sample standard
+    deviation over its seeds, the change from the first (the baseline), unfinished runs left out."""
+    path = tmp_path / "sweep.toml"
+    path.write_text(spec_text(data_dir, tmp_path / "out", "[3e8]").replace("seeds = [0]", "seeds = [0, 1]"))
+    runs = plan(load_sweep(path))
+    bpb = {(16, 0): 2.0, (16, 1): 2.2, (32, 0): 1.9}  # the d 32, seed 1 run has not finished
+    rows = [{"key": r.key, "val_bpb": bpb[(r.labels["model.d_model"], r.seed)], "val_loss": 4.0}
+            for r in runs if (r.labels["model.d_model"], r.seed) in bpb]  # fmt: skip
+    (tmp_path / "done.json").write_text(json.dumps(rows))
+    import_results(runs, tmp_path / "done.json")
+    base, wide = variants(runs)
+    assert base["labels"]["model.d_model"] == 16 and base["seeds"] == [0, 1] and base["baseline"]
+    assert base["bpb"] == pytest.approx(2.1) and base["bpb_sd"] == pytest.approx(0.02**0.5)  # sqrt((0.1² + 0.1²) / 1)
+    assert wide["seeds"] == [0] and wide["bpb_sd"] is None and wide["bpb_change"] == pytest.approx(-0.2)
+    table = sweep("table", str(path))
+    assert table.returncode == 0, table.stderr
+    assert "| d_model=16, n_layers=1, n_heads=2 | 3e+08 | 2 | 2.1000 ± 0.1414 | baseline |" in table.stdout
+    assert "| d_model=32, n_layers=2, n_heads=4 | 3e+08 | 1 | 1.9000 | -0.2000 |" in table.stdout
 
 
 def test_runs_are_defined_by_their_budget_and_keyed_by_their_config(data_dir, tmp_path):

@@ -2,7 +2,7 @@
 
 speedrun (all of it) = tokenizer train|encode|stats -> data prepare -> train -> eval -> generate -> export;
 account (costs before you spend them), bench (time, profile and memory, measured),
-sweep run|import|status -> fit (scaling laws), curate (data), align sft|ei|grpo|dpo|eval|speedrun (alignment)
+sweep run|import|status|table -> fit (scaling laws), curate (data), align sft|ei|grpo|dpo|eval|speedrun (alignment)
 """
 
 from __future__ import annotations
@@ -458,6 +458,17 @@ def cmd_sweep_status(args: argparse.Namespace) -> None:
           f"{spent:.3g} of {planned:.3g} FLOPs spent in finished runs")  # fmt: skip
 
 
+def cmd_sweep_table(args: argparse.Namespace) -> None:
+    from scratchlm.scaling.report import format_variants
+    from scratchlm.scaling.sweep import variants
+
+    spec, runs = _sweep_runs(args)
+    rows = variants(runs)
+    if not rows:
+        raise ScratchLMError(f"{args.spec}: no run of sweep {spec.name} has finished yet (`sweep status` lists them)")
+    print(format_variants(rows))
+
+
 def cmd_curate(args: argparse.Namespace) -> None:
     from scratchlm.curate.config import CurateConfig
     from scratchlm.curate.run import curate
@@ -806,6 +817,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_status = sweep_cmds.add_parser("status", help="done / running / left, and the FLOPs spent")
     sweep_status.add_argument("spec", help="the sweep file (TOML)")
     sweep_status.set_defaults(func=cmd_sweep_status)
+    sweep_table = sweep_cmds.add_parser(
+        "table", help="the finished runs by variant (an ablation's table): bits per byte, mean ± sd over seeds"
+    )
+    sweep_table.add_argument("spec", help="the sweep file (TOML)")
+    sweep_table.set_defaults(func=cmd_sweep_table)
 
     fit = stages.add_parser("fit", help="scaling laws from runs: Chinchilla's approaches 1-3, predictions, plots")
     fit.add_argument("data", help="runs: a sweep's results.json, CS336's IsoFLOP JSON, or a CSV (N, D or C, loss)")

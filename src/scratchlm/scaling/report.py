@@ -54,3 +54,21 @@ def format_fit(report: dict) -> str:
     if report.get("plots"):
         lines += ["", "plots: " + ", ".join(report["plots"])]
     return "\n".join(lines)
+
+
+def format_variants(rows: list[dict]) -> str:
+    """`sweep.variants` as a Markdown table: each variant's validation bits per byte and loss, mean +-
+    sample standard deviation over its seeds, and the change of the mean from the baseline (the first
+    variant at its budget)."""
+
+    def spread(row: dict, name: str) -> str:
+        sd = row[f"{name}_sd"]
+        return f"{row[name]:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
+
+    lines = ["| variant | budget | seeds | bits/byte | vs. baseline | loss |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in row["labels"].items()) or "(the base config)"
+        change = "baseline" if row["baseline"] else f"{row['bpb_change']:+.4f}"
+        lines.append(f"| {label} | {row['budget']:.2g} | {len(row['seeds'])} | {spread(row, 'bpb')} | {change} | "
+                     f"{spread(row, 'loss')} |")  # fmt: skip
+    return "\n".join(lines)

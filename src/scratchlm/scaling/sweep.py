@@ -33,6 +33,7 @@ import io
 import itertools
 import json
 import math
+import statistics
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,6 +275,34 @@ def import_results(runs: list[PlannedRun], path: Path) -> tuple[int, int, int]:
             atomic_write_text(run.run_dir / RESULT, json.dumps(row, indent=1) + "\n")
             imported += 1
     return imported, present, foreign
+
+
+def variants(runs: list[PlannedRun]) -> list[dict]:
+    """The finished runs grouped by budget and by shape / grid point, their seeds together, in the plan's
+    order (an ablation's table): each group's labels, budget, seeds, and the mean and sample standard
+    deviation (None for one seed) of validation bits per byte and loss, with the mean's difference from
+    the first group at the same budget (the baseline)."""
+    groups: dict[tuple, dict] = {}
+    for run in runs:
+        result = read_result(run)
+        if result is None:
+            continue
+        fresh = {"labels": run.labels, "budget": run.budget, "seeds": [], "bpb": [], "loss": []}
+        group = groups.setdefault((run.budget, json.dumps(run.labels, sort_keys=True)), fresh)
+        group["seeds"].append(run.seed)
+        group["bpb"].append(result["val_bpb"])
+        group["loss"].append(result["val_loss"])
+    rows, baselines = [], {}
+    for group in groups.values():
+        row = {"labels": group["labels"], "budget": group["budget"], "seeds": group["seeds"]}
+        for name in ("bpb", "loss"):
+            values = group[name]
+            row[name] = statistics.fmean(values)
+            row[f"{name}_sd"] = statistics.stdev(values) if len(values) > 1 else None
+        baseline = baselines.setdefault(group["budget"], row)
+        row["baseline"], row["bpb_change"] = row is baseline, row["bpb"] - baseline["bpb"]
+        rows.append(row)
+    return rows
 
 
 def collect(spec: SweepSpec, runs: list[PlannedRun]) -> list[dict]:
