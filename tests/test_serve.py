@@ -90,6 +90,22 @@ def test_sampled_requests_are_reproducible_by_seed_in_any_batch(model):
     assert run(sampling) == run(sampling[::-1])
 
 
+def test_greedy_and_sampled_requests_in_one_batch_each_get_their_own(model):
+    """Greedy requests are sampled together (one argmax for the batch), sampled ones one by one with
+    their generators: beside each other, each gives what it gives alone."""
+    greedy, sampled = Sampling(temperature=0, max_new_tokens=10), Sampling(temperature=1.0, max_new_tokens=10, seed=3)
+
+    def run(requests):
+        engine = Engine(model, FakeTokenizer(), num_blocks=32, block_size=8)
+        ids = [engine.add_request(prompt, s) for prompt, s in requests]
+        out = engine.run()
+        return [out[i].token_ids for i in ids]
+
+    together = run([("the king", greedy), ("the king", sampled), ("a queen", greedy)])
+    alone = [run([request])[0] for request in (("the king", greedy), ("the king", sampled), ("a queen", greedy))]
+    assert together == alone and together[0] != together[1]
+
+
 def test_block_pool_accounting():
     pool = BlockPool(3, 2, 1, 1, 4, torch.float32, "cpu")
     a, b = pool.allocate(), pool.allocate()

@@ -231,9 +231,14 @@ class Engine:
         return r.hashes[i]
 
     def _sample(self, batch: list[Request], logits: Tensor) -> list[tuple[int, int]]:
+        # greedy requests all at once (one argmax); sampled ones each with its own generator
+        greedy = logits.argmax(dim=-1).tolist() if any(r.sampling.temperature <= 0 for r in batch) else None
         produced = []
-        for r, row in zip(batch, logits, strict=True):
-            token = int(sample_next(row[None], r.sampling, r.generator)[0])
+        for i, (r, row) in enumerate(zip(batch, logits, strict=True)):
+            if r.sampling.temperature <= 0:
+                token = greedy[i]
+            else:
+                token = int(sample_next(row[None], r.sampling, r.generator)[0])
             r.tokens.append(token)
             produced.append((r.id, token))
             done = _emit(r.result, r.decoder, token, self.eot, self.tokenizer, r.sampling.stop, r.id, None)
