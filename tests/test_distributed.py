@@ -247,6 +247,8 @@ def _fsdp_memory_worker(rank: int, port: int, out: str) -> None:
         peak = max(peak, shard_bytes + live())
 
     def gather(unit: Unit) -> torch.Tensor:
+        if unit.full is None:  # what gather does first, so its receiving buffer is recorded and dropped below
+            prefetch(unit)
         received = unit.pending[1].untyped_storage() if unit.pending is not None else None
         address = received.data_ptr() if received is not None else None
         full = record(real_gather(unit))

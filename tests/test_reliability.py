@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from scratchlm.tokenizer import Tokenizer, formats
 from scratchlm.train import trainer
 from scratchlm.train.config import to_toml
 from scratchlm.train.metrics import read_metrics
+from scratchlm.train.signals import keep_dropped_interrupts, raise_dropped_interrupt
 
 CLI = [sys.executable, "-m", "scratchlm.cli"]
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -259,3 +261,25 @@ def test_failed_usage_is_one_line_with_exit_2(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "scratchlm: error: generate: the following arguments are required: --prompt (see --help)"
     ]
+
+
+def test_a_ctrl_c_that_python_would_drop_is_kept_and_raised_later(monkeypatch, capsys):
+    # A KeyboardInterrupt inside a weakref callback (as in importlib's module locks) cannot propagate.
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    keep_dropped_interrupts()
+    keep_dropped_interrupts()  # once is enough: a second call does not wrap the hook again
+    raise_dropped_interrupt()  # nothing dropped yet: nothing raised
+
+    class Owner:
+        pass
+
+    def interrupted(_ref) -> None:
+        raise KeyboardInterrupt
+
+    owner = Owner()
+    ref = weakref.ref(owner, interrupted)  # noqa: F841  (the callback runs while the ref lives)
+    del owner  # the callback runs and raises; Python drops it
+    assert capsys.readouterr().err == ""
+    with pytest.raises(KeyboardInterrupt):
+        raise_dropped_interrupt()
+    raise_dropped_interrupt()  # raised once

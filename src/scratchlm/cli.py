@@ -16,6 +16,7 @@ from pathlib import Path
 
 from scratchlm.checks import describe_range, in_range
 from scratchlm.errors import ScratchLMError
+from scratchlm.train.signals import keep_dropped_interrupts, raise_dropped_interrupt
 
 DEFAULT_SPECIAL = "<|endoftext|>"
 ACCOUNT_DEVICES = ("cpu", "h100", "h200", "a100")
@@ -61,6 +62,7 @@ def import_torch() -> None:
         signal.signal(signal.SIGINT, previous)
     if pending:
         raise KeyboardInterrupt
+    raise_dropped_interrupt()
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -908,6 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every failure ends in one `scratchlm: error: ...` line and a non-zero exit:
     1 for bad input or a failed step, 2 for a usage error, 130 for Ctrl-C; never a traceback for those."""
+    keep_dropped_interrupts()
     try:
         args = build_parser().parse_args(argv)
         if getattr(args, "special_token", "unset") is None:
