@@ -222,3 +222,27 @@ def test_checkpointing_adds_one_blocks_recompute_and_lets_a_larger_batch_fit():
     assert checkpointed.activations == plain.activations - 12 * (one_block - 4 * 8 * 1024 * 768)
     assert accounting.largest_batch(blocks, 1024, 80 * 2**30, "fp32", "cuda") > 5 * accounting.largest_batch(
         config, 1024, 80 * 2**30, "fp32", "cuda")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon", "rmsprop", "adagrad", "sgd"])
+def test_optimizer_state_equals_what_the_optimizer_keeps(name, tmp_path):
+    from scratchlm.train.config import load_config
+    from scratchlm.train.setup import build_optimizer
+
+    sets = [
+        "model.vocab_size=300",
+        "model.d_model=32",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "model.context_length=16",
+    ]
+    config = load_config(None, [*sets, "model.tie_embeddings=false", f'optim.name="{name}"'])
+    model = TransformerLM(config.model)
+    optimizer = build_optimizer(config, model)
+    x = torch.randint(0, 300, (2, 17))
+    model.loss(x[:, :-1], x[:, 1:]).backward()
+    optimizer.step()  # the state exists after the first step
+    kept = sum(t.numel() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
+    assert accounting.optimizer_state_elements(config.model, name) == kept
+    estimate = accounting.memory_estimate(config.model, 1, 16, optimizer=name)
+    assert estimate.optimizer == 4 * kept

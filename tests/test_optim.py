@@ -185,6 +185,10 @@ def test_newton_schulz_pushes_singular_values_towards_one(shape):
     assert torch.nn.functional.cosine_similarity(out.flatten(), (u @ vh).flatten(), dim=0) > 0.95
     batch = torch.stack([g, 3 * g.flip(0)])  # a batch of matrices: each as if alone
     torch.testing.assert_close(newton_schulz(batch), torch.stack([out, newton_schulz(3 * g.flip(0))]))
+    coarse = newton_schulz(g, dtype=torch.bfloat16)  # bf16 iterations: a few % off, still near-orthogonal
+    assert coarse.dtype == torch.bfloat16 and (coarse.float() - out).norm() < 0.05 * out.norm()
+    singular = torch.linalg.svdvals(coarse.float())
+    assert singular.min() > 0.55 and singular.max() < 1.3, singular
 
 
 def test_muon_is_its_written_out_definition_and_adamw_elsewhere():
@@ -238,3 +242,24 @@ def test_decoding_after_a_step_uses_the_updated_weights(fused):
     with torch.no_grad():
         expected = model(ids)[0, -1]
     torch.testing.assert_close(decode_logits(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_muon_dtype_from_the_config_reaches_newton_schulz(monkeypatch):
+    from scratchlm.model.config import ModelConfig
+    from scratchlm.model.transformer import TransformerLM
+    from scratchlm.optim import adamw
+    from scratchlm.train.config import load_config
+    from scratchlm.train.setup import build_optimizer
+
+    seen = []
+    real = adamw.newton_schulz
+    monkeypatch.setattr(
+        adamw, "newton_schulz", lambda g, steps, dtype: (seen.append(dtype), real(g, steps, dtype=dtype))[1]
+    )
+    model = TransformerLM(ModelConfig(vocab_size=32, context_length=8, d_model=16, n_layers=1, n_heads=2))
+    for dtype in ("float32", "bfloat16"):
+        optimizer = build_optimizer(load_config(None, ['optim.name="muon"', f'optim.muon_dtype="{dtype}"']), model)
+        model.loss(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]])).backward()
+        optimizer.step()
+        assert set(seen) == {getattr(torch, dtype)}
+        seen.clear()

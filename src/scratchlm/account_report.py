@@ -11,17 +11,25 @@ PRECISIONS = ("fp32", "bf16-mixed")
 
 
 def account(
-    config: ModelConfig, batch: int, seq: int, device: str, mfu: float, tokens: float, memory_gb: float
+    config: ModelConfig,
+    batch: int,
+    seq: int,
+    device: str,
+    mfu: float,
+    tokens: float,
+    memory_gb: float,
+    optimizer: str = "adamw",
 ) -> dict:
     params = accounting.parameter_counts(config)
     precision_dtype = "fp32" if device == "cpu" else "bf16"
     peak = accounting.device_peak_flops(device, precision_dtype)
     device_type = "cpu" if device == "cpu" else "cuda"
-    memory = {p: asdict(accounting.memory_estimate(config, batch, seq, p, device_type)) for p in PRECISIONS}
+    memory = {p: asdict(accounting.memory_estimate(config, batch, seq, p, device_type, optimizer)) for p in PRECISIONS}
     for p in memory:
         memory[p]["total"] = sum(memory[p].values())
     return {
         "model": asdict(config),
+        "optimizer": optimizer,
         "batch": batch,
         "seq": seq,
         "parameters": params,
@@ -38,11 +46,19 @@ def account(
         },
         "largest_batch": {
             "memory_gb": memory_gb,
-            **{p: accounting.largest_batch(config, seq, memory_gb * 2**30, p, device_type) for p in PRECISIONS},
+            **{
+                p: accounting.largest_batch(config, seq, memory_gb * 2**30, p, device_type, optimizer)
+                for p in PRECISIONS
+            },
             "by_activation_checkpointing": {
                 mode: {
                     p: accounting.largest_batch(
-                        replace(config, activation_checkpointing=mode), seq, memory_gb * 2**30, p, device_type
+                        replace(config, activation_checkpointing=mode),
+                        seq,
+                        memory_gb * 2**30,
+                        p,
+                        device_type,
+                        optimizer,
                     )
                     for p in PRECISIONS
                 }
@@ -82,7 +98,7 @@ def format_account(report: dict) -> str:
         f"  {'6 N T rule of thumb':<34} {_si(t['6NT'], 'FLOP'):>16}  ({t['6NT / exact']:.1%} of exact)",
         f"  {'per trained token':<34} {_si(report['flops_per_token'], 'FLOP'):>16}",
         "",
-        f"memory for training with AdamW      {'fp32':>16} {'bf16-mixed':>16}",
+        f"{'memory for training with ' + report['optimizer']:<36} {'fp32':>16} {'bf16-mixed':>16}",
     ]
     mem = report["memory_bytes"]
     for kind in ("parameters", "gradients", "optimizer", "activations", "recompute", "total"):

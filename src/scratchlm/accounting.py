@@ -174,25 +174,41 @@ def dropout_mask_bytes(config: ModelConfig, batch: int, seq: int) -> int:
     return (2 * kept + 1) * batch * seq * config.d_model if config.dropout else 0
 
 
+def optimizer_state_elements(config: ModelConfig, optimizer: str = "adamw") -> int:
+    """Elements of optimizer state, as `scratchlm train` builds each optimizer: AdamW keeps two moments
+    a parameter; Muon one momentum per block matrix and AdamW's two moments for the rest (embeddings,
+    head, gains); RMSProp and AdaGrad one (the squares); SGD none (it runs without momentum)."""
+    counts = parameter_counts(config)
+    if optimizer == "muon":
+        block_matrices = counts["attention"] + counts["feed-forward"]
+        return block_matrices + 2 * (counts["total"] - block_matrices)
+    return {"adamw": 2, "rmsprop": 1, "adagrad": 1, "sgd": 0}[optimizer] * counts["total"]
+
+
 def memory_estimate(
-    config: ModelConfig, batch: int, seq: int, precision: str = "fp32", device: str = "cpu"
+    config: ModelConfig, batch: int, seq: int, precision: str = "fp32", device: str = "cpu", optimizer: str = "adamw"
 ) -> MemoryEstimate:
-    """Bytes for training with AdamW on a device of this type ("cpu", "cuda", ...). precision "fp32", or
-    "bf16-mixed": fp32 master weights, gradients and AdamW state, bf16 activations (autocast)."""
+    """Bytes for training with `optimizer` on a device of this type ("cpu", "cuda", ...). precision "fp32",
+    or "bf16-mixed": fp32 master weights, gradients and optimizer state, bf16 activations (autocast)."""
     n = parameter_counts(config)["total"]
     width = 4 if precision == "fp32" else 2
     act_elements = sum(activation_elements(config, batch, seq, device, precision).values())
     act_bytes = act_elements * width + dropout_mask_bytes(config, batch, seq)
     recompute = recompute_elements(config, batch, seq, device, precision) * width
-    return MemoryEstimate(4 * n, 4 * n, 8 * n, act_bytes, recompute)
+    return MemoryEstimate(4 * n, 4 * n, 4 * optimizer_state_elements(config, optimizer), act_bytes, recompute)
 
 
 def largest_batch(
-    config: ModelConfig, seq: int, memory_bytes: float, precision: str = "fp32", device: str = "cpu"
+    config: ModelConfig,
+    seq: int,
+    memory_bytes: float,
+    precision: str = "fp32",
+    device: str = "cpu",
+    optimizer: str = "adamw",
 ) -> int:
     """The largest batch whose predicted training memory fits in `memory_bytes` (0 if none)."""
-    fixed = memory_estimate(config, 0, seq, precision, device).total
-    per_sample = memory_estimate(config, 1, seq, precision, device).total - fixed
+    fixed = memory_estimate(config, 0, seq, precision, device, optimizer).total
+    per_sample = memory_estimate(config, 1, seq, precision, device, optimizer).total - fixed
     return max(0, int((memory_bytes - fixed) // per_sample)) if per_sample > 0 else 0
 
 

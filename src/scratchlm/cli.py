@@ -264,7 +264,8 @@ def cmd_account(args: argparse.Namespace) -> None:
 
     if args.set and not args.config:
         raise ScratchLMError(f"--set {args.set[0]}: --set changes a --config; a --preset is fixed (give --config FILE)")
-    model = load_config(args.config, args.set or []).model if args.config else PRESETS[args.preset]
+    config = load_config(args.config, args.set or []) if args.config else None
+    model, optimizer = (config.model, config.optim.name) if config else (PRESETS[args.preset], "adamw")
     if args.remeasure_peak:
         from scratchlm.accounting import cpu_peak_flops
 
@@ -275,7 +276,7 @@ def cmd_account(args: argparse.Namespace) -> None:
     seq = args.seq or model.context_length
     if seq > model.context_length:
         raise ScratchLMError(f"--seq {seq} exceeds the model's context_length {model.context_length}")
-    report = account(model, args.batch, seq, args.device, args.mfu, args.tokens, args.memory_gb)
+    report = account(model, args.batch, seq, args.device, args.mfu, args.tokens, args.memory_gb, optimizer)
     print(json.dumps(report, indent=1) if args.json else format_account(report))
 
 

@@ -49,6 +49,7 @@ class OptimConfig:
     # muon: the blocks' matrices take Muon at lr x muon_lr / lr (following the schedule), the rest AdamW at lr
     momentum: float = field(default=0.95, metadata=between(0, 1, high_open=True))
     muon_lr: float = field(default=0.02, metadata=above(0))
+    muon_dtype: Literal["float32", "bfloat16"] = "float32"  # what Newton-Schulz computes in
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -76,7 +76,8 @@ def build_optimizer(config: TrainConfig, model: TransformerLM, spec: bool = Fals
                    "weight_decay": o.weight_decay},
                   {"params": [p for p in params if p.dim() >= 2 and id(p) in outside], "weight_decay": o.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
-        cls, kwargs = Muon, {"lr": o.lr, "betas": o.betas, "eps": o.eps, "momentum": o.momentum}
+        cls, kwargs = Muon, {"lr": o.lr, "betas": o.betas, "eps": o.eps, "momentum": o.momentum,
+                             "ns_dtype": getattr(torch, o.muon_dtype)}  # fmt: skip
     elif o.name == "rmsprop":
         groups, cls, kwargs = params, RMSProp, {"lr": o.lr, "alpha": o.alpha, "eps": o.eps}
     elif o.name == "sgd":
