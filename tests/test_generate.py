@@ -96,6 +96,14 @@ def test_draws_follow_the_probabilities_and_never_take_a_zero():
     assert (draw(one_hot, torch.Generator().manual_seed(1)) == 2).all()
 
 
+def test_a_draw_that_rounds_up_to_the_total_takes_the_last_token_with_mass(monkeypatch):
+    """u x total can round up to the total, past every cumulative sum: the last token with mass, not an
+    index past the vocabulary or a trailing token of zero mass."""
+    monkeypatch.setattr(torch, "rand", lambda n, _, **kw: torch.ones(n, 1, dtype=kw["dtype"]))
+    probs = torch.tensor([[0.2, 0.8, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4], [0.0, 0.5, 0.0, 0.5]])
+    assert draw(probs, None).tolist() == [1, 3, 3]
+
+
 def test_repeated_prompts_are_prefilled_once_and_give_what_each_gives_alone(monkeypatch):
     """A GRPO group's prompts, each G times: one prefill per distinct prompt (its cache rows copied), and
     greedy continuations and texts those of the prompts alone, stop strings or not."""

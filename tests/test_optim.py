@@ -152,16 +152,32 @@ def test_trainer_schedule_is_the_course_schedule_one_step_on():
 
 
 def test_cosine_schedule_stays_monotone_when_the_length_is_refitted():
-    from scratchlm.optim.schedule import CosineSchedule
+    from scratchlm.optim.schedule import DecaySchedule
 
-    fixed = CosineSchedule(1.0, 0.1, 10)
+    fixed = DecaySchedule(1.0, 0.1, 10)
     assert [fixed(t, 110) for t in range(110)] == [cosine_lr(t, 1.0, 0.1, 10, 110) for t in range(110)]
-    schedule, lrs = CosineSchedule(1.0, 0.1, 10), []
+    schedule, lrs = DecaySchedule(1.0, 0.1, 10), []
     for step in range(300):  # the budget re-fits the length: 200 -> 120 (slower) -> 300 (faster again)
         total = 200 if step < 50 else 120 if step < 90 else 300
         lrs.append(schedule(step, total))
     assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))  # never rises after warm-up
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_warmup_stable_decay_by_hand():
+    """cooldown 0.4: max_lr for the first 60% of the decay, then a straight line (or half cosine) to min_lr."""
+    from scratchlm.optim.schedule import DecaySchedule, cooled_down
+
+    assert cooled_down(0.0, 1.0, 0.1, "linear", 0.4) == 1.0 and cooled_down(0.6, 1.0, 0.1, "linear", 0.4) == 1.0
+    assert cooled_down(0.8, 1.0, 0.1, "linear", 0.4) == pytest.approx(0.55)
+    assert cooled_down(0.7, 1.0, 0.1, "linear", 0.4) == pytest.approx(1.0 - 0.25 * 0.9)
+    assert cooled_down(0.8, 1.0, 0.1, "cosine", 0.4) == pytest.approx(0.55)
+    assert cooled_down(0.7, 1.0, 0.1, "cosine", 0.4) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
+    assert cooled_down(1.0, 1.0, 0.1, "linear", 0.4) == pytest.approx(0.1)
+    schedule = DecaySchedule(1.0, 0.0, 10, shape="linear", cooldown=0.5)  # decay positions run over steps 9..109
+    lrs = [schedule(t, 110) for t in range(110)]
+    assert lrs[9] == lrs[59] == 1.0 and lrs[84] == pytest.approx(0.5) and lrs[109] == 0.0
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
 
 
 def written_out_newton_schulz(g: torch.Tensor, steps: int) -> torch.Tensor:

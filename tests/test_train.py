@@ -253,6 +253,20 @@ def test_lr_never_rises_after_warm_up_on_a_budget(data_dir, tmp_path, monkeypatc
     assert len(lrs) > 200 and all(a >= b for a, b in zip(lrs[warmup - 1 :], lrs[warmup:], strict=False))
 
 
+def test_the_trainer_follows_a_warmup_stable_decay_schedule(data_dir, tmp_path):
+    """optim.decay / optim.cooldown reach the trainer: each step's logged lr is `cooled_down`'s."""
+    from scratchlm.optim.schedule import DecaySchedule
+
+    config = tiny_config(data_dir, tmp_path / "run", max_steps=40, log_every=1, **{
+        "optim.decay": '"linear"', "optim.cooldown": 0.25, "optim.lr": 1e-3, "optim.min_lr": 0.0})  # fmt: skip
+    train(config, quiet=True)
+    logged = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lr" in r}
+    schedule = DecaySchedule(1e-3, 0.0, 3, shape="linear", cooldown=0.25)
+    expected = {step: schedule(step - 1, 40) for step in logged}  # metrics count steps from 1
+    assert logged == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert logged[20] == 1e-3 and logged[40] == 0.0
+
+
 def test_course_checkpoint_interface_round_trips(tmp_path):
     import io
 

@@ -28,7 +28,7 @@ from scratchlm.distributed.base import Strategy
 from scratchlm.errors import ScratchLMError
 from scratchlm.infer.generate import load_run
 from scratchlm.lock import directory_lock
-from scratchlm.optim.schedule import CosineSchedule
+from scratchlm.optim.schedule import DecaySchedule
 from scratchlm.train.checkpoint import latest_checkpoint, read_checkpoint, save_run_checkpoint
 from scratchlm.train.config import to_toml
 from scratchlm.train.metrics import MetricsLog, format_eta, read_metrics
@@ -69,7 +69,8 @@ def _run(config: AlignConfig, fresh: bool, say) -> dict:
         reference = copy.deepcopy(model).requires_grad_(False).eval()
         stage.reference = reference
     optimizer = build_optimizer(dataclasses.replace(train_config, optim=config.optim), model)
-    schedule = CosineSchedule(config.optim.lr, config.optim.min_lr, config.optim.warmup_steps)
+    o = config.optim
+    schedule = DecaySchedule(o.lr, o.min_lr, o.warmup_steps, shape=o.decay, cooldown=o.cooldown)
     strategy = Strategy(model)
     step, elapsed_before, flops = 0, 0.0, 0.0
     checkpoint = None if fresh else latest_checkpoint(run_dir)

@@ -88,9 +88,10 @@ def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     cumulative = probs.cumsum(dim=-1)
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cumulative.dtype)
     index = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True).squeeze(-1)
-    # u * total may round up to the total: the draw then falls on the last token with mass
-    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)
-    return torch.minimum(index, last)
+    # u * total may round up to the total: no index exceeds it, and the draw falls on the last token with mass
+    if bool((index == probs.shape[-1]).any()):
+        index = torch.minimum(index, probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1))
+    return index
 
 
 def probabilities(logits: Tensor, sampling: Sampling) -> Tensor:
@@ -165,21 +166,22 @@ def generate(
     prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
     decoded = 0
+    sampled: list[Tensor] = []  # plain: each step's tokens (batch,), sorted out once at the end
+    ended = torch.zeros(batch, dtype=torch.bool, device=device)  # plain: the sequences that drew EOT
     for step in range(sampling.max_new_tokens):
         next_ids = sample_next(logits, sampling, generator)
         decoded += 1
-        for i, token in enumerate(next_ids.tolist()):
-            if done[i]:
-                continue
-            if plain:  # the ids only; the text comes once at the end
-                done[i] = token == eot_id
-                if done[i]:
-                    results[i].stop_reason = "eot"
-                else:
-                    results[i].token_ids.append(token)
-            else:
-                done[i] = _emit(results[i], decoders[i], token, eot_id, tokenizer, sampling.stop, i, on_text)
-        if all(done) or step == sampling.max_new_tokens - 1:
+        if plain:
+            sampled.append(next_ids)
+            if eot_id is not None:
+                ended |= next_ids == eot_id
+            finished = bool(ended.all())
+        else:
+            for i, token in enumerate(next_ids.tolist()):
+                if not done[i]:
+                    done[i] = _emit(results[i], decoders[i], token, eot_id, tokenizer, sampling.stop, i, on_text)
+            finished = all(done)
+        if finished or step == sampling.max_new_tokens - 1:
             break
         length = longest + step + 1
         if padded:
@@ -187,11 +189,22 @@ def generate(
         logits = next_logits(
             next_ids[:, None], positions[:, length - 1 : length], caches, key_mask[:, :length] if padded else None
         )
-    if plain:  # what the incremental decoders would have made of the pieces, one token at a time
-        for result, decoder in zip(results, decoders, strict=True):
-            result.text = decoder.decode(b"".join(tokenizer.vocab[t] for t in result.token_ids))
+    if plain:
+        _sort_out(results, decoders, torch.stack(sampled, dim=1), eot_id, tokenizer)
     stats = GenerationStats(batch * longest, prefill_seconds, batch * decoded, time.perf_counter() - start)
     return results, stats
+
+
+def _sort_out(results: list[Generation], decoders, sampled: Tensor, eot_id: int | None, tokenizer) -> None:
+    """Each sequence's tokens up to its first EOT, and the text the incremental decoders would have made
+    of them one token at a time. sampled: (batch, steps), what each step drew."""
+    stops = sampled == eot_id if eot_id is not None else torch.zeros_like(sampled, dtype=torch.bool)
+    has_eot = stops.any(dim=1).tolist()
+    first_eot = stops.int().argmax(dim=1).tolist()
+    for result, decoder, row, eot, first in zip(results, decoders, sampled.tolist(), has_eot, first_eot, strict=True):
+        result.token_ids = row[:first] if eot else row
+        result.stop_reason = "eot" if eot else "length"
+        result.text = decoder.decode(b"".join(tokenizer.vocab[t] for t in result.token_ids))
 
 
 def _prefill(next_logits, encoded: list[list[int]], ids: Tensor, positions: Tensor, caches, key_mask) -> Tensor:

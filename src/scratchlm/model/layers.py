@@ -340,7 +340,8 @@ def scaled_dot_product_attention(
 @dataclass
 class KVCache:
     """Keys and values of one layer for the tokens seen so far, pre-allocated to the context length.
-    k, v: (batch, n_kv_heads, max_len, d_head); length: how many positions are filled."""
+    k, v: (batch, n_kv_heads, max_len, d_head); length: how many positions are filled (only those are
+    ever read, so the rest starts uninitialised: a batch of rollouts' caches is ~30 MB to zero)."""
 
     k: Tensor
     v: Tensor
@@ -349,7 +350,7 @@ class KVCache:
     @classmethod
     def empty(cls, batch: int, n_kv_heads: int, max_len: int, d_head: int, device=None, dtype=None) -> KVCache:
         shape = (batch, n_kv_heads, max_len, d_head)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v: (batch, n_kv_heads, n_new, d_head); return all keys and values so far."""

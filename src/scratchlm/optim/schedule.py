@@ -1,10 +1,11 @@
-"""Learning-rate schedules: linear warm-up, then cosine decay to a minimum.
+"""Learning-rate schedules: linear warm-up, then a decay to a minimum.
 
 `lr_cosine_schedule` is the course's definition (CS336 assignment 1) by iteration; `cosine_lr` is the
 same curve indexed by the trainer's 0-based step (it equals `lr_cosine_schedule(step + 1, ...)` with the
 cycle ending at the run's last step, so the first step trains at max_lr / warmup, not at 0); and
-`CosineSchedule` is what the trainer calls, which keeps the decay monotone when a wall-clock budget
-re-fits the run's length.
+`DecaySchedule` is what the trainer calls, which keeps the decay monotone when a wall-clock budget
+re-fits the run's length. It also holds max_lr for a while and then cools down (cosine or linear) over
+the last fraction of the run: warmup-stable-decay, the trapezoid of the nanoGPT speedrun and nanochat.
 """
 
 from __future__ import annotations
@@ -47,17 +48,29 @@ def _cosine(position: float, max_lr: float, min_lr: float) -> float:
     return min_lr + 0.5 * (1 + math.cos(math.pi * position)) * (max_lr - min_lr)
 
 
-class CosineSchedule:
-    """`cosine_lr` for a run whose length may be re-fitted while it trains (a wall-clock budget): the
-    position in the decay never moves back, so after warm-up the lr only falls. (Re-fitted to more
-    steps, it holds until the run catches up; to fewer, it falls faster.) With a fixed length it is
-    exactly `cosine_lr`. `position` belongs in a checkpoint."""
+def cooled_down(position: float, max_lr: float, min_lr: float, shape: str = "cosine", cooldown: float = 1.0) -> float:
+    """The lr at `position` (0..1) through the decay: max_lr until 1 - cooldown, then down to min_lr at 1
+    along a half cosine (shape "cosine") or a straight line ("linear"). cooldown 1 with "cosine" is `cosine_lr`'s
+    decay."""
+    x = max(0.0, position - (1 - cooldown)) / cooldown
+    return _cosine(x, max_lr, min_lr) if shape == "cosine" else max_lr - x * (max_lr - min_lr)
 
-    def __init__(self, max_lr: float, min_lr: float, warmup_steps: int, position: float = 0.0) -> None:
+
+class DecaySchedule:
+    """Warm-up, then `cooled_down`, for a run whose length may be re-fitted while it trains (a wall-clock
+    budget): the position in the decay never moves back, so after warm-up the lr only falls. (Re-fitted to
+    more steps, it holds until the run catches up; to fewer, it falls faster.) With a fixed length and the
+    defaults it is exactly `cosine_lr`. `position` belongs in a checkpoint."""
+
+    def __init__(
+        self, max_lr: float, min_lr: float, warmup_steps: int, position: float = 0.0, shape: str = "cosine",
+        cooldown: float = 1.0,
+    ) -> None:  # fmt: skip
         self.max_lr, self.min_lr, self.warmup_steps, self.position = max_lr, min_lr, warmup_steps, position
+        self.shape, self.cooldown = shape, cooldown
 
     def __call__(self, step: int, total_steps: int) -> float:
         if step < self.warmup_steps:
             return cosine_lr(step, self.max_lr, self.min_lr, self.warmup_steps, total_steps)
         self.position = max(self.position, _decay_position(step, self.warmup_steps, total_steps))
-        return _cosine(self.position, self.max_lr, self.min_lr)
+        return cooled_down(self.position, self.max_lr, self.min_lr, self.shape, self.cooldown)

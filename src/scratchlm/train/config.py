@@ -41,6 +41,9 @@ class OptimConfig:
     lr: float = field(default=3e-3, metadata=above(0))
     min_lr: float = field(default=3e-4, metadata=at_least(0))
     warmup_steps: int = field(default=100, metadata=at_least(0))
+    # After warm-up: lr for the first 1 - cooldown of the run, then down to min_lr along `decay`
+    decay: Literal["cosine", "linear"] = "cosine"
+    cooldown: float = field(default=1.0, metadata=between(0, 1, low_open=True))
     betas: tuple[float, float] = field(default=(0.9, 0.95), metadata=between(0, 1, high_open=True))
     eps: float = field(default=1e-8, metadata=above(0))
     weight_decay: float = field(default=0.1, metadata=at_least(0))

@@ -30,7 +30,7 @@ from scratchlm.distributed.base import Strategy
 from scratchlm.distributed.checkpoint import save_sharded_checkpoint
 from scratchlm.errors import ScratchLMError
 from scratchlm.lock import directory_lock
-from scratchlm.optim.schedule import CosineSchedule
+from scratchlm.optim.schedule import DecaySchedule
 from scratchlm.train.budget import BudgetClock
 from scratchlm.train.checkpoint import latest_checkpoint, read_checkpoint, save_run_checkpoint
 from scratchlm.train.config import TrainConfig, to_toml
@@ -90,7 +90,7 @@ def _train(config: TrainConfig, device: torch.device, data: tuple, fresh: bool, 
     sampler = BatchSampler(train_tokens, config.batch_size, config.model.context_length, config.seed + 1, device,
                            rank.rank, rank.world_size)  # fmt: skip
     o = config.optim
-    schedule = CosineSchedule(o.lr, o.min_lr, o.warmup_steps)
+    schedule = DecaySchedule(o.lr, o.min_lr, o.warmup_steps, shape=o.decay, cooldown=o.cooldown)
     step, total_steps, elapsed_before = 0, config.max_steps, 0.0
 
     checkpoint = None if fresh else latest_checkpoint(run_dir)
