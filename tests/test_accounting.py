@@ -13,10 +13,12 @@ from scratchlm import accounting
 from scratchlm.bench.memory import saved_for_backward
 from scratchlm.model import ModelConfig, TransformerLM, kernels
 
+EXTRAS = {"n_kv_heads": 2, "value_embeddings": True, "unet_skips": True}
 CONFIGS = [
     ModelConfig(vocab_size=500, context_length=64, d_model=64, n_layers=2, n_heads=4),
     ModelConfig(vocab_size=300, context_length=32, d_model=96, n_layers=3, n_heads=6, n_kv_heads=2, ffn="silu"),
     ModelConfig(vocab_size=256, context_length=48, d_model=32, n_layers=1, n_heads=2, tie_embeddings=True),
+    ModelConfig(vocab_size=200, context_length=32, d_model=32, n_layers=3, n_heads=4, ffn="relu2", **EXTRAS),
 ]
 
 

@@ -205,7 +205,13 @@ def test_what_the_c_step_leaves_to_the_modules():
         caches[0].length = 8
         assert not decode_step.applies(model, token, None, caches, None)  # a full cache: the modules' error
     assert not decode_step.applies(model, token, None, model.new_caches(2, max_len=8), None)  # autograd on
-    for options in ({"norm_position": "post"}, {"ffn": "silu"}):
+    for options in (
+        {"norm_position": "post"},
+        {"ffn": "silu"},
+        {"ffn": "relu2"},
+        {"value_embeddings": True},
+        {"unet_skips": True},
+    ):
         with torch.no_grad():
             assert not decode_step.applies(small_model(**options), token, None, small_model().new_caches(2), None)
     model.train()

@@ -15,10 +15,15 @@ def tiny_model(**options) -> TransformerLM:
 
 
 @pytest.mark.parametrize("batch", [1, 3])  # on CPU, decoding steps take DecodeWeight's split / oneDNN paths
-@pytest.mark.parametrize("options", [{}, {"n_kv_heads": 2}, {"n_kv_heads": 1, "fused_kernels": False}])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"n_kv_heads": 2}, {"n_kv_heads": 1, "fused_kernels": False}, {"value_embeddings": True, "unet_skips": True}],
+)
 @torch.no_grad()
 def test_cached_decoding_equals_full_recomputation(options, batch):
     model = tiny_model(**options)
+    for table in model.value_embeddings or []:
+        table.weight.normal_()  # not their zeros at init
     ids = torch.randint(0, 300, (batch, 20))
     full = model(ids)
     caches = model.new_caches(batch)
@@ -169,5 +174,6 @@ def test_huggingface_export_gives_the_same_logits(tmp_path):
 def test_export_refuses_non_llama_architectures(tmp_path):
     from scratchlm.infer.export import export_huggingface
 
-    with pytest.raises(ScratchLMError, match="only the Llama architecture"):
-        export_huggingface(tiny_model(norm_position="post"), tmp_path, None)
+    for options in ({"norm_position": "post"}, {"ffn": "relu2"}, {"value_embeddings": True}, {"unet_skips": True}):
+        with pytest.raises(ScratchLMError, match="only the Llama architecture"):
+            export_huggingface(tiny_model(**options), tmp_path, None)

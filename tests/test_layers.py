@@ -17,6 +17,7 @@ from scratchlm.model.layers import (
     RMSNorm,
     RotaryEmbedding,
     SwiGLU,
+    UngatedFFN,
     causal_mask,
     scaled_dot_product_attention,
     softmax,
@@ -76,6 +77,23 @@ def test_swiglu_and_d_ff(fused):
     ):
         torch.testing.assert_close(ours, theirs)
     assert default_d_ff(512) == 1344 and default_d_ff(128) == 320 and default_d_ff(768) == 2048
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu2"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_ungated_ffn(activation, fused):
+    ffn = UngatedFFN(64, 256, fused=fused, activation=activation)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    out = ffn(x)
+    hidden = F.linear(x, ffn.w1.weight)
+    act = F.silu(hidden) if activation == "silu" else torch.where(hidden > 0, hidden * hidden, 0.0)
+    expected = F.linear(act, ffn.w2.weight)
+    torch.testing.assert_close(out, expected)
+    grad_out, params = torch.randn_like(out), [x, ffn.w1.weight, ffn.w2.weight]
+    for ours, theirs in zip(
+        torch.autograd.grad(out, params, grad_out), torch.autograd.grad(expected, params, grad_out), strict=True
+    ):
+        torch.testing.assert_close(ours, theirs)
 
 
 def test_softmax_is_stable():

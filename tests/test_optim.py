@@ -279,3 +279,26 @@ def test_muon_dtype_from_the_config_reaches_newton_schulz(monkeypatch):
         optimizer.step()
         assert set(seen) == {getattr(torch, dtype)}
         seen.clear()
+
+
+def test_embedding_lr_gives_the_lookup_tables_their_own_rate_and_keeps_them_out_of_muon():
+    from scratchlm.model.config import ModelConfig
+    from scratchlm.model.transformer import TransformerLM
+    from scratchlm.train.config import load_config
+    from scratchlm.train.setup import build_optimizer
+
+    model = TransformerLM(
+        ModelConfig(vocab_size=32, context_length=8, d_model=16, n_layers=2, n_heads=2, value_embeddings=True)
+    )
+    tables = {id(model.token_embeddings.weight), *(id(t.weight) for t in model.value_embeddings)}
+    for name in ("muon", "adamw", "sgd"):
+        config = load_config(None, [f'optim.name="{name}"', "optim.lr=0.002", "optim.embedding_lr=0.05"])
+        groups = build_optimizer(config, model).param_groups
+        own = [g for g in groups if {id(p) for p in g["params"]} == tables]
+        assert len(own) == 1 and own[0]["lr"] == 0.05 and own[0]["lr_scale"] == pytest.approx(25)
+        assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))  # each once
+        assert not any(g.get("muon") and {id(p) for p in g["params"]} & tables for g in groups)
+        if name != "sgd":
+            assert own[0]["weight_decay"] == 0.1  # the matrices' decay, as before
+    without = build_optimizer(load_config(None, ['optim.name="muon"']), model).param_groups
+    assert not any(g.get("muon") and {id(p) for p in g["params"]} & tables for g in without)

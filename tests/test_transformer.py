@@ -11,7 +11,9 @@ from scratchlm.model import ModelConfig, TransformerLM, head
 
 
 def reference_lm(params: dict, config: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
-    """A from-the-paper Llama-style forward pass over a state dict (interleaved-pair RoPE)."""
+    """A from-the-paper Llama-style forward pass over a state dict (interleaved-pair RoPE), with the
+    nanoGPT speedrun's value embeddings (added to each layer's values) and U-net skips (the output of
+    layer i joins the input of layer n - 1 - i, for i < n // 2, times a weight) where configured."""
     b, s = ids.shape
     d, h, kv = config.d_model, config.n_heads, config.n_kv_heads
     dh = d // h
@@ -27,34 +29,49 @@ def reference_lm(params: dict, config: ModelConfig, ids: torch.Tensor) -> torch.
         return F.rms_norm(t, (d,), w, eps=1e-5)
 
     x = F.embedding(ids, params["token_embeddings.weight"])
-    for i in range(config.n_layers):
+    n, outputs = config.n_layers, {}
+    for i in range(n):
 
         def p(name, i=i):
             return params[f"layers.{i}.{name}.weight"]
 
+        if config.unet_skips and i >= n - n // 2:
+            x = x + params["skip_weights"][n - 1 - i] * outputs[n - 1 - i]
         y = norm(x, p("ln1"))
         q = rope(F.linear(y, p("attn.q_proj")).view(b, s, h, dh).transpose(1, 2))
         k = rope(F.linear(y, p("attn.k_proj")).view(b, s, kv, dh).transpose(1, 2))
-        v = F.linear(y, p("attn.v_proj")).view(b, s, kv, dh).transpose(1, 2)
+        v = F.linear(y, p("attn.v_proj"))
+        if config.value_embeddings:
+            v = v + F.embedding(ids, params[f"value_embeddings.{i}.weight"])
+        v = v.view(b, s, kv, dh).transpose(1, 2)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         x = x + F.linear(a.transpose(1, 2).reshape(b, s, d), p("attn.output_proj"))
         y = norm(x, p("ln2"))
         x = x + F.linear(F.silu(F.linear(y, p("ffn.w1"))) * F.linear(y, p("ffn.w3")), p("ffn.w2"))
+        outputs[i] = x
     return F.linear(norm(x, params["ln_final.weight"]), params["lm_head.weight"])
+
+
+def randomize_gains_and_extras(model: TransformerLM) -> None:
+    """Norm gains, value embeddings and skip weights away from their initial ones and zeros."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln1.weight", "ln2.weight", "ln_final.weight")) or name == "skip_weights":
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.startswith("value_embeddings."):
+                p.normal_()
 
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 @pytest.mark.parametrize("seq", [16, 5])  # full context and shorter than it
-def test_lm_matches_reference(fused, n_kv_heads, seq):
+@pytest.mark.parametrize("extras", [{}, {"value_embeddings": True, "unet_skips": True, "n_layers": 5}])
+def test_lm_matches_reference(fused, n_kv_heads, seq, extras):
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=97, context_length=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads,
-                         fused_kernels=fused)  # fmt: skip
+    config = ModelConfig(**{"vocab_size": 97, "context_length": 16, "d_model": 32, "n_layers": 2, "n_heads": 4,
+                            "n_kv_heads": n_kv_heads, "fused_kernels": fused, **extras})  # fmt: skip
     model = TransformerLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("ln1.weight", "ln2.weight", "ln_final.weight")):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
+    randomize_gains_and_extras(model)
     ids = torch.randint(0, 97, (3, seq))
     torch.testing.assert_close(
         model(ids), reference_lm(dict(model.named_parameters()), config, ids), rtol=1e-4, atol=1e-4
@@ -82,6 +99,9 @@ def test_state_dict_names_and_counts():
         dict(norm_position="post"),
         dict(position_embedding="none"),
         dict(ffn="silu"),
+        dict(ffn="relu2"),
+        dict(value_embeddings=True, unet_skips=True),
+        dict(value_embeddings=True, unet_skips=True, activation_checkpointing="blocks"),
         dict(n_kv_heads=1),
         dict(tie_embeddings=True),
         dict(dropout=0.1),

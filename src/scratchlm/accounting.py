@@ -48,6 +48,10 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
         "norms": (2 * layers + 1) * d,
         "lm head": 0 if config.tie_embeddings else config.vocab_size * d,
     }
+    if config.value_embeddings:
+        counts["value embeddings"] = layers * config.vocab_size * kv
+    if config.unet_skips:
+        counts["skip weights"] = layers // 2
     counts["total"] = sum(counts.values())
     return counts
 

@@ -41,18 +41,19 @@ from scratchlm.train.trainer import uses_bf16_autocast
 # from 1.94 bits/byte (after 6 passes) to 4.06. Chosen by 1-minute trials (docs/benchmarks.md).
 PRESETS: dict[str, dict] = {
     "cpu": {
-        "expected_mfu": 0.55,  # 2-core EPYC: 55-56% at vocab 4,096 with Muon (70-79% at 10,000 with AdamW)
+        "expected_mfu": 0.62,  # 2-core EPYC, vocab 4,096, Muon: 55-60% at batch 16, 62-70% at 32
         "sets": [
             "model.vocab_size=4096",
             "model.context_length=128",
             "model.d_model=128",
             "model.n_layers=4",
             "model.n_heads=4",
-            "batch_size=16",
+            "batch_size=32",
             'optim.name="muon"',
             "optim.muon_lr=0.03",
             'optim.muon_dtype="bfloat16"',
             "optim.lr=6e-3",
+            "optim.embedding_lr=0.03",
             "optim.min_lr=3e-4",
             "optim.warmup_steps=100",
             'optim.decay="linear"',

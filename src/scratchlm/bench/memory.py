@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from scratchlm.model.layers import CausalSelfAttention, Dropout, Embedding, RMSNorm, SiLUFFN, SwiGLU
+from scratchlm.model.layers import CausalSelfAttention, Dropout, Embedding, RMSNorm, SwiGLU, UngatedFFN
 from scratchlm.model.transformer import TransformerBlock
 
 KINDS = (
@@ -23,7 +23,7 @@ _KIND_OF = {
     RMSNorm: "norms",
     CausalSelfAttention: "attention",
     SwiGLU: "feed-forward",
-    SiLUFFN: "feed-forward",
+    UngatedFFN: "feed-forward",
     TransformerBlock: "checkpointed block inputs",  # a block saves nothing itself but a checkpoint's inputs
     Embedding: "embeddings",
     Dropout: "dropout masks",

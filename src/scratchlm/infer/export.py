@@ -32,11 +32,18 @@ def _pairs_to_halves(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def llama_config(config: ModelConfig) -> dict:
-    if config.norm_position != "pre" or config.position_embedding != "rope" or config.ffn != "swiglu":
+    if (
+        config.norm_position != "pre"
+        or config.position_embedding != "rope"
+        or config.ffn != "swiglu"
+        or config.value_embeddings
+        or config.unet_skips
+    ):
         raise ScratchLMError(
-            "only the Llama architecture exports to LlamaForCausalLM: pre-norm, RoPE and SwiGLU "
-            f"(this model has norm_position={config.norm_position}, position_embedding="
-            f"{config.position_embedding}, ffn={config.ffn})"
+            "only the Llama architecture exports to LlamaForCausalLM: pre-norm, RoPE and SwiGLU, no value "
+            f"embeddings or U-net skips (this model has norm_position={config.norm_position}, position_embedding="
+            f"{config.position_embedding}, ffn={config.ffn}, value_embeddings={config.value_embeddings}, "
+            f"unet_skips={config.unet_skips})"
         )
     return {
         "architectures": ["LlamaForCausalLM"],

@@ -44,7 +44,13 @@ class ModelConfig:
     tie_embeddings: bool = False
     norm_position: Literal["pre", "post"] = "pre"
     position_embedding: Literal["rope", "none"] = "rope"
-    ffn: Literal["swiglu", "silu"] = "swiglu"
+    ffn: Literal["swiglu", "silu", "relu2"] = "swiglu"  # gated SiLU, or W2 act(W1 x) with SiLU or ReLU^2
+    # The nanoGPT speedrun's additions (not in the Llama architecture, so such a model does not export):
+    # value_embeddings, a table per block whose row for each token is added to its values (zero at init);
+    # unet_skips, block i's output added, times a learned weight (1 at init), to the input of block
+    # n_layers - 1 - i, for i < n_layers // 2.
+    value_embeddings: bool = False
+    unet_skips: bool = False
     fused_kernels: bool = True  # F.scaled_dot_product_attention and F.rms_norm where they exist
     # While training: on the embeddings, each residual branch and the attention weights.
     dropout: float = field(default=0.0, metadata=between(0, 1, high_open=True))

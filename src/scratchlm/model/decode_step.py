@@ -8,7 +8,7 @@ docs/benchmarks.md). The modules remain the definition; this path is checked aga
   checked at once, a short prompt, a prefill chunk; bfloat16 and int8 decoding weights serve steps of
   one token, as `set_decode_weights` says): at most 256 tokens a call; without autograd, in evaluation
   mode, float32 weights, on the CPU;
-- the standard blocks: pre-norm, SwiGLU, RoPE (or no position embedding);
+- the standard blocks: pre-norm, SwiGLU, RoPE (or no position embedding), no value embeddings or U-net skips;
 - contiguous KV caches (`KVCache`) all at the same length, sequences left-padded to it (as `generate`
   runs a batch and `speculative` checks a draft), or the serving engine's paged caches (each sequence
   at its own length, its keys found through its block table); positions that continue the caches,
@@ -127,6 +127,8 @@ def applies(model, token_ids: Tensor, positions: Tensor | None, caches, key_mask
         or model.training
         or c.norm_position != "pre"
         or c.ffn != "swiglu"
+        or c.value_embeddings
+        or c.unet_skips
         or model.lm_head.weight.dtype != torch.float32
         or not caches
         or len(caches) != len(model.layers)

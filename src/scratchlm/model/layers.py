@@ -246,14 +246,21 @@ class SwiGLU(nn.Module):
         return self.w2(kernels.swiglu_activation(gate, up))
 
 
-class SiLUFFN(nn.Module):
-    """W2(SiLU(W1 x)): the ungated baseline. w1: (d_ff, d_model); w2: (d_model, d_ff)."""
+def relu_squared(x: Tensor) -> Tensor:
+    """max(x, 0)^2: ReLU^2 (So et al., 2021, "Primer"), the MLP activation of the nanoGPT speedrun."""
+    return F.relu(x).square()
 
-    def __init__(self, d_model: int, d_ff: int, fused: bool = False, device=None, dtype=None) -> None:
+
+class UngatedFFN(nn.Module):
+    """W2(act(W1 x)), act SiLU (the ungated baseline) or ReLU^2. w1: (d_ff, d_model); w2: (d_model, d_ff)."""
+
+    def __init__(
+        self, d_model: int, d_ff: int, fused: bool = False, device=None, dtype=None, activation: str = "silu"
+    ) -> None:
         super().__init__()
         self.w1 = Linear(d_model, d_ff, device, dtype)
         self.w2 = Linear(d_ff, d_model, device, dtype)
-        self.activation = F.silu if fused else silu
+        self.activation = relu_squared if activation == "relu2" else F.silu if fused else silu
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(self.activation(self.w1(x)))
@@ -400,25 +407,36 @@ class CausalSelfAttention(nn.Module):
         self._decode: DecodeWeight | None = None
 
     def forward(
-        self, x: Tensor, positions: Tensor | None = None, cache: KVCache | None = None, key_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        key_mask: Tensor | None = None,
+        value_embedding: Tensor | None = None,
     ) -> Tensor:
         """x: (batch, seq, d_model) -> (batch, seq, d_model).
 
         positions: (seq,) or (batch, seq), default 0..seq-1. cache: this layer's KV cache; the new keys
         and values are appended and attention covers everything cached. key_mask: (batch, n_keys) bool,
         False for padding that no query may attend to (n_keys counts cached and new positions).
+        value_embedding: (batch, seq, n_kv_heads * d_head), added to the values (`ModelConfig.value_embeddings`).
         """
         batch, seq, _ = x.shape
+        kv_dim = self.n_kv_heads * self.d_head
         if self.fused and _merge_pays(x):  # one matmul for q, k and v (larger matmuls run closer to peak)
             qkv = project(x, (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight), self)
+            if value_embedding is not None:
+                qk, v = qkv.split((qkv.shape[-1] - kv_dim, kv_dim), dim=-1)
+                qkv = torch.cat((qk, v + value_embedding), dim=-1)
             if positions is None and cache is None and key_mask is None and not (self.training and self.dropout):
                 out = self._attend_in_c(qkv)  # whole sequences on CPU: RoPE and attention in one C kernel
                 if out is not None:
                     return self.output_proj(out)
-            kv_dim = self.n_kv_heads * self.d_head
             q, k, v = qkv.split((self.n_heads * self.d_head, kv_dim, kv_dim), dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            if value_embedding is not None:
+                v = v + value_embedding
         q = q.reshape(batch, seq, self.n_heads, self.d_head).transpose(1, 2)  # (b, h, s, d_head)
         k = k.reshape(batch, seq, self.n_kv_heads, self.d_head).transpose(1, 2)  # (b, h_kv, s, d_head)
         v = v.reshape(batch, seq, self.n_kv_heads, self.d_head).transpose(1, 2)

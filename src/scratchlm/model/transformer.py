@@ -20,8 +20,8 @@ from scratchlm.model.layers import (
     Linear,
     RMSNorm,
     RotaryEmbedding,
-    SiLUFFN,
     SwiGLU,
+    UngatedFFN,
 )
 from scratchlm.train.loss import cross_entropy
 
@@ -41,23 +41,37 @@ class TransformerBlock(nn.Module):
             config.d_model, config.n_heads, config.n_kv_heads, rope, fused, config.dropout, device, dtype
         )
         self.ln2 = RMSNorm(config.d_model, config.norm_eps, fused, device, dtype)
-        ffn_class = SwiGLU if config.ffn == "swiglu" else SiLUFFN
-        self.ffn = ffn_class(config.d_model, config.d_ff, fused, device, dtype)
+        if config.ffn == "swiglu":
+            self.ffn = SwiGLU(config.d_model, config.d_ff, fused, device, dtype)
+        else:
+            self.ffn = UngatedFFN(config.d_model, config.d_ff, fused, device, dtype, activation=config.ffn)
         self.dropout = Dropout(config.dropout, fused)  # on each branch's output, before it joins the residual
 
     def forward(
-        self, x: Tensor, positions: Tensor | None = None, cache: KVCache | None = None, key_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        key_mask: Tensor | None = None,
+        value_embedding: Tensor | None = None,
     ) -> Tensor:
-        """x: (batch, seq, d_model) -> (batch, seq, d_model)"""
+        """x: (batch, seq, d_model) -> (batch, seq, d_model); value_embedding: see CausalSelfAttention."""
         if self.checkpointed and cache is None and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, positions, None, key_mask, use_reentrant=False)
-        return self._forward(x, positions, cache, key_mask)
+            return checkpoint(self._forward, x, positions, None, key_mask, value_embedding, use_reentrant=False)
+        return self._forward(x, positions, cache, key_mask, value_embedding)
 
-    def _forward(self, x: Tensor, positions: Tensor | None, cache: KVCache | None, key_mask: Tensor | None) -> Tensor:
+    def _forward(
+        self,
+        x: Tensor,
+        positions: Tensor | None,
+        cache: KVCache | None,
+        key_mask: Tensor | None,
+        value_embedding: Tensor | None,
+    ) -> Tensor:
         if self.pre_norm:
-            x = x + self.dropout(self.attn(self.ln1(x), positions, cache, key_mask))
+            x = x + self.dropout(self.attn(self.ln1(x), positions, cache, key_mask, value_embedding))
             return x + self.dropout(self.ffn(self.ln2(x)))
-        x = self.ln1(x + self.dropout(self.attn(x, positions, cache, key_mask)))
+        x = self.ln1(x + self.dropout(self.attn(x, positions, cache, key_mask, value_embedding)))
         return self.ln2(x + self.dropout(self.ffn(x)))
 
 
@@ -73,6 +87,17 @@ class TransformerLM(nn.Module):
         self.layers = nn.ModuleList(
             TransformerBlock(config, rope, device, dtype, config.is_checkpointed(i)) for i in range(config.n_layers)
         )
+        self.value_embeddings = None
+        if config.value_embeddings:
+            kv_dim = config.n_kv_heads * config.d_head
+            self.value_embeddings = nn.ModuleList(
+                Embedding(config.vocab_size, kv_dim, device, dtype) for _ in range(config.n_layers)
+            )
+            for table in self.value_embeddings:
+                nn.init.zeros_(table.weight)
+        self.skip_weights = None
+        if config.unet_skips:
+            self.skip_weights = nn.Parameter(torch.ones(config.n_layers // 2, device=device, dtype=dtype))
         self.ln_final = RMSNorm(config.d_model, config.norm_eps, config.fused_kernels, device, dtype)
         self.lm_head = Linear(config.d_model, config.vocab_size, device, dtype)
         if config.tie_embeddings:
@@ -98,8 +123,16 @@ class TransformerLM(nn.Module):
         if positions is None and past:
             positions = torch.arange(past, past + token_ids.shape[-1], device=token_ids.device)
         x = self.embedding_dropout(self.token_embeddings(token_ids))
+        n = len(self.layers)
+        skipped = n // 2 if self.skip_weights is not None else 0
+        outputs = []  # of the first `skipped` blocks, for the U-net skips
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, caches[i] if caches else None, key_mask)
+            if i >= n - skipped:
+                x = x + self.skip_weights[n - 1 - i] * outputs[n - 1 - i]
+            ve = self.value_embeddings[i](token_ids) if self.value_embeddings is not None else None
+            x = layer(x, positions, caches[i] if caches else None, key_mask, ve)
+            if i < skipped:
+                outputs.append(x)
         return self.ln_final(x)
 
     def forward(

@@ -53,6 +53,9 @@ class OptimConfig:
     momentum: float = field(default=0.95, metadata=between(0, 1, high_open=True))
     muon_lr: float = field(default=0.02, metadata=above(0))
     muon_dtype: Literal["float32", "bfloat16"] = "float32"  # what Newton-Schulz computes in
+    # The token embeddings' own peak rate (following the schedule, scaled like muon_lr); None: lr.
+    # Each row is updated only when its token occurs, so rare tokens learn slowly at the head's rate.
+    embedding_lr: float | None = field(default=None, metadata=above(0))
 
     def __post_init__(self) -> None:
         check_fields(self)

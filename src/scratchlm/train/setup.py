@@ -10,9 +10,11 @@ import os
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from scratchlm.data.encode import load_tokens
 from scratchlm.errors import ScratchLMError
+from scratchlm.model.layers import Embedding
 from scratchlm.model.transformer import TransformerLM
 from scratchlm.optim import SGD, AdaGrad, AdamW, Muon, RMSProp
 from scratchlm.tokenizer import Tokenizer
@@ -70,7 +72,7 @@ def build_optimizer(config: TrainConfig, model: TransformerLM, spec: bool = Fals
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
         cls, kwargs = AdamW, {"lr": o.lr, "betas": o.betas, "eps": o.eps}
     elif o.name == "muon":  # Muon for the blocks' matrices; AdamW for embeddings, the LM head and gains
-        outside = {id(p) for p in (model.token_embeddings.weight, model.lm_head.weight)}
+        outside = {id(p) for p in (*embedding_tables(model), model.lm_head.weight)}
         matrices = [p for p in params if p.dim() == 2 and id(p) not in outside]
         groups = [{"params": matrices, "muon": True, "lr": o.muon_lr, "lr_scale": o.muon_lr / o.lr,
                    "weight_decay": o.weight_decay},
@@ -84,7 +86,27 @@ def build_optimizer(config: TrainConfig, model: TransformerLM, spec: bool = Fals
         groups, cls, kwargs = params, SGD, {"lr": o.lr}
     else:
         groups, cls, kwargs = params, AdaGrad, {"lr": o.lr, "eps": o.eps}
+    if o.embedding_lr is not None:
+        groups = _own_rate(groups, embedding_tables(model), o.embedding_lr, o.embedding_lr / o.lr)
     return (cls, groups, kwargs) if spec else cls(groups, **kwargs)
+
+
+def embedding_tables(model: TransformerLM) -> list[Tensor]:
+    """The lookup tables' weights: the token embeddings and any value embeddings."""
+    return [m.weight for m in model.modules() if isinstance(m, Embedding)]
+
+
+def _own_rate(groups: list, params: list[Tensor], lr: float, lr_scale: float) -> list[dict]:
+    """The param groups with `params` taken out of their groups into groups of their own, at lr (and
+    lr_scale times the schedule's rate), each with its old group's other settings."""
+    if not isinstance(groups[0], dict):  # a plain list of parameters
+        groups = [{"params": groups}]
+    ids, own = {id(p) for p in params}, []
+    for group in groups:
+        if taken := [p for p in group["params"] if id(p) in ids]:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+            own.append({**group, "params": taken, "lr": lr, "lr_scale": lr_scale})
+    return [g for g in groups if g["params"]] + own
 
 
 def should_compile(config: TrainConfig, device: torch.device) -> bool:
