@@ -51,7 +51,14 @@ def test_wilson_interval_by_hand():
 def base(tmp_path_factory):
     """A 1-digit-addition model that writes `a+b=<answer>c</answer>` but never stops by itself."""
     root = tmp_path_factory.mktemp("align")
-    plan = SpeedrunPlan(digits=1, corpus_problems=2000, base_steps=120, out=str(root / "runs"), data=str(root / "data"))
+    plan = SpeedrunPlan(
+        digits=1,
+        corpus_problems=2000,
+        base_steps=120,
+        base_accuracy=0.0,
+        out=str(root / "runs"),
+        data=str(root / "data"),
+    )
     data = prepare_task_data(plan, lambda *a, **k: None)
     return train_base(plan, data, lambda *a, **k: None), plan
 

@@ -4,8 +4,9 @@ command that writes `runs/align/report.md`.
 
   1. data      a byte-level tokenizer and a corpus of solved training problems (`347+125=472`, one a
                line); held-out problems never appear in it (`tasks.split_of`)
-  2. base      the trainer (`scratchlm train`) on that corpus: a model that can add, but does not
-               answer in the `<answer>...</answer>` format the reward asks for
+  2. base      the trainer (`scratchlm train`) on that corpus, stopped mid-way through the phase change
+               in which it learns to add, when it gets 30% of probe problems right (`train_base`): a
+               model that half knows the task, and that runs on past its answer into the next problem
   3. sft       a few hundred demonstrations in the answer format
   4. grpo      from the SFT model, on fresh training prompts with the verifier's reward
      control   from the SFT model: more SFT on the same demonstrations, for GRPO's FLOPs
@@ -43,8 +44,8 @@ BASE_SETS = [
     "model.n_layers=4",
     "model.n_heads=4",
     "batch_size=64",
-    "optim.lr=3e-3",
-    "optim.min_lr=3e-4",
+    "optim.lr=1e-3",
+    "optim.min_lr=1e-3",  # constant after warm-up: a run extended by more steps keeps its schedule
     "optim.warmup_steps=50",
     "optim.weight_decay=0.0",
     "eval_every=500",
@@ -59,10 +60,13 @@ class SpeedrunPlan:
     task: str = "addition"
     digits: int = 2
     corpus_problems: int = 20_000  # solved problems the base model pretrains on
-    base_steps: int = 1200
+    base_steps: int = 800  # the first stretch of the base model's training, then probes every base_probe_every
+    base_probe_every: int = 50
+    base_max_steps: int = 4000
+    base_accuracy: float = 0.3  # greedy, on training problems: where the base model's training stops
     sft_steps: int = 40
-    grpo_steps: int = 60
-    dpo_steps: int = 40
+    grpo_steps: int = 200
+    dpo_steps: int = 500
     out: str = "runs/align"
     data: str = "data/align"
     threads: int = 0
@@ -86,21 +90,38 @@ def prepare_task_data(plan: SpeedrunPlan, say) -> Path:
 
 
 def train_base(plan: SpeedrunPlan, data: Path, say) -> Path:
+    """The trainer on the task corpus at a constant rate, in stretches of `base_probe_every` steps from
+    `base_steps`, until the model answers `base_accuracy` of a probe set of training problems (greedy).
+
+    Small models learn addition in a phase change (here within ~200 steps), whose timing varies from run
+    to run; stopping at an accuracy instead of a step count makes every run's base half know the task,
+    which is where alignment has something to do. Each probe is kept in `probes.json`, so an
+    interrupted run resumes from its last stretch."""
+    from scratchlm.align.evaluate import evaluate_task
     from scratchlm.train.trainer import train
 
     out = Path(plan.out) / "base"
+    record = out / "probes.json"
+    probes = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else []
     sets = [
         *BASE_SETS,
         f'data.train_tokens="{data}/train.bin"',
         f'data.val_tokens="{data}/val.bin"',
         f'data.tokenizer="{data}/tokenizer"',
-        f"max_steps={plan.base_steps}",
         f'out_dir="{out}"',
         f"threads={plan.threads}",
         'device="cpu"',
     ]
-    say(f"base: training {out} ({plan.base_steps} steps)")
-    train(load_config(None, sets), quiet=True)
+    problems = tasks.take(plan.task, plan.digits, "train", "probe", 200)
+    while not probes or (probes[-1]["accuracy"] < plan.base_accuracy and probes[-1]["steps"] < plan.base_max_steps):
+        steps = probes[-1]["steps"] + plan.base_probe_every if probes else plan.base_steps
+        say(f"base: training {out} to step {steps}")
+        train(load_config(None, [*sets, f"max_steps={steps}"]), quiet=True)
+        model, tokenizer, _, _ = load_run(out, "cpu")
+        result = evaluate_task(model, tokenizer, problems, tasks.reward_function(plan.task), 24)
+        probes.append({"steps": steps, "accuracy": result.greedy_accuracy})
+        atomic_write_text(record, json.dumps(probes) + "\n")
+        say(f"base: step {steps}, {result.greedy_accuracy:.1%} of {len(problems)} training problems right")
     return out
 
 
@@ -157,8 +178,8 @@ def speedrun(plan: SpeedrunPlan, say=print) -> Path:
             "optim.lr=2e-4",
             "optim.min_lr=2e-4",
             "optim.warmup_steps=0",
-            "eval_every=10",
-            "microbatch_size=128",
+            "eval_every=25",
+            "microbatch_size=256",
         ],
     )
     sft_step_flops = total_flops(sft) / plan.sft_steps
@@ -189,7 +210,7 @@ def speedrun(plan: SpeedrunPlan, say=print) -> Path:
             "optim.lr=2e-4",
             "optim.min_lr=2e-4",
             "optim.warmup_steps=0",
-            "eval_every=10",
+            "eval_every=25",
         ],
     )
     stage(
@@ -202,14 +223,20 @@ def speedrun(plan: SpeedrunPlan, say=print) -> Path:
             "dpo.pairs=1000",
             "dpo.test_pairs=300",
             "dpo.beta=0.1",
-            "optim.lr=2e-4",
-            "optim.min_lr=2e-4",
+            "dpo.nll_coef=1.0",  # without it both responses' log-probs fall and accuracy with them
+            "optim.lr=5e-4",
+            "optim.min_lr=5e-5",
             "optim.warmup_steps=0",
-            "eval_every=10",
+            "eval_every=50",
         ],
     )
     write_report(plan, runs, out / "report.md", say)
     return out / "report.md"
+
+
+def one_line(text: str) -> str:
+    """A response as it shows in an indented block: a base model's newlines written as \\n."""
+    return text.replace("\n", "\\n")
 
 
 def write_report(plan: SpeedrunPlan, runs: dict, path: Path, say) -> None:
@@ -234,7 +261,7 @@ def write_report(plan: SpeedrunPlan, runs: dict, path: Path, say) -> None:
         samples.append(
             f"**{name}**\n\n"
             + "\n".join(
-                f"    {e['prompt']}{e['response']!s:<24} {'right' if e['correct'] else 'wrong'}"
+                f"    {e['prompt']}{one_line(e['response']):<24} {'right' if e['correct'] else 'wrong'}"
                 for e in result["examples"]
             )
         )
