@@ -84,7 +84,8 @@ def test_several_new_tokens_a_sequence_attend_causally(monkeypatch):
         torch.testing.assert_close(a.k[:, :, :12], b.k[:, :, :12], rtol=1e-4, atol=1e-5)
 
 
-def test_the_serving_engine_s_paged_steps_run_in_c(monkeypatch):
+@pytest.mark.parametrize("requests, max_batch", [(5, 4), (70, 70)])  # 70: a step split over the threads
+def test_the_serving_engine_s_paged_steps_run_in_c(requests, max_batch, monkeypatch):
     """Continuous batching over the paged cache (sequences at different lengths, chunked prefill, blocks
     of 4 positions): every forward in one C call, and each request's greedy tokens those of `generate`."""
     from scratchlm.infer.generate import Sampling, generate
@@ -99,15 +100,21 @@ def test_the_serving_engine_s_paged_steps_run_in_c(monkeypatch):
 
     model, tokenizer = small_model(n_kv_heads=2), Ids()
     greedy = Sampling(temperature=0, max_new_tokens=10)
-    prompts = [" ".join(str((7 * i + j) % 97) for j in range(3 + 2 * i)) for i in range(5)]
+    prompts = [" ".join(str((7 * i + j) % 97) for j in range(3 + 2 * (i % 5))) for i in range(requests)]
     expected = [generate(model, tokenizer, [p], greedy)[0][0].token_ids for p in prompts]
     calls, passes = [], []
     monkeypatch.setattr(decode_step, "step", lambda *a, _step=decode_step.step: calls.append(1) or _step(*a))
     monkeypatch.setattr(Engine, "_forward", lambda *a, _f=Engine._forward: passes.append(1) or _f(*a))
-    engine = Engine(model, tokenizer, num_blocks=40, block_size=4, max_batch=4, token_budget=8)
+    engine = Engine(model, tokenizer, num_blocks=8 * requests, block_size=4, max_batch=max_batch,
+                    token_budget=2 * max_batch)  # fmt: skip
     ids = [engine.add_request(p, greedy) for p in prompts]
-    while engine.has_work():
-        engine.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        while engine.has_work():
+            engine.step()
+    finally:
+        torch.set_num_threads(threads)
     assert [engine.requests[i].result.token_ids for i in ids] == expected
     assert len(calls) == len(passes) > 10  # every forward pass, prefill chunks and decoding steps, took the C step
 
@@ -143,6 +150,44 @@ def test_a_left_padded_batch_decodes_as_the_modules_do(kind, monkeypatch):
             results.append(torch.stack(steps))
     assert model._decode_plan.kind == kind
     assert taken[0] == ((3, 7) if kind == "float32" else (3, 1)) and len(taken) == (6 if kind == "float32" else 5)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16"])
+def test_a_batch_of_many_sequences_split_over_threads_decodes_as_the_modules_do(kind, monkeypatch):
+    """70 left-padded sequences on two threads (a GRPO step's rollouts, smaller): each thread takes whole
+    sequences through the step (35 rows: four tiles of eight and three rows alone in the panel
+    products of float32), and the logits at every step are the modules'."""
+    model = small_model(n_kv_heads=2)
+    set_decode_weights(model, kind)
+    batch, width, steps = 70, 6, 4
+    lengths = [1 + i % width for i in range(batch)]
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    key_mask = torch.zeros(batch, width + steps, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        ids[i, width - n :] = (torch.arange(1, n + 1) * (i + 3)) % 97
+        key_mask[i, width - n :] = True
+    positions = (torch.arange(width + steps)[None, :] - (width - torch.tensor(lengths))[:, None]).clamp(min=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for in_c in (True, False):
+            with monkeypatch.context() as patch, torch.no_grad():
+                if not in_c:
+                    patch.setattr(decode_step, "_decode", None)
+                caches = model.new_caches(batch, max_len=width + steps)
+                logits = model(ids, positions[:, :width], caches, key_mask[:, :width])[:, -1]
+                out = [logits]
+                for length in range(width + 1, width + steps + 1):
+                    token = logits.argmax(-1)[:, None]
+                    logits = model(token, positions[:, length - 1 : length], caches, key_mask[:, :length])[:, -1]
+                    out.append(logits)
+                results.append(torch.stack(out))
+    finally:
+        torch.set_num_threads(threads)
+    assert model._decode_plan.kind == kind
+    assert (model._decode_plan.head_panels is not None) == (kind == "float32" and decode_step._decode.PANEL_ROWS > 0)
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
 
 

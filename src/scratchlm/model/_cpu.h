@@ -48,6 +48,17 @@ INLINE float exp_poly(float x) {
     return p * scale;
 }
 
+/* e[i] = exp(-x[i]) for a block of at most EXP_BLOCK elements. Loops that use exp_poly in a quotient
+ * (SiLU: g / (1 + exp(-g))) take it from such a block, not inline: inline, gcc gives each clamp of
+ * exp_poly a path of its own, where exp is a constant, and evaluates every path for every lane before
+ * blending; the path of x < -87 divides g by 1 + e^87, whose quotient is subnormal, and Intel cores
+ * compute subnormals in microcode. SwiGLU's activation ran 12x slower for it (8.7 against 0.7 ns an
+ * element on a Xeon; AMD's cores pay little). */
+#define EXP_BLOCK 256
+INLINE void exp_negated(const float *restrict x, float *restrict e, int64_t n) {
+    for (int64_t i = 0; i < n; i++) e[i] = exp_poly(-x[i]);
+}
+
 /* ---- splitting work over threads ---- */
 
 typedef void (*RangeFn)(const void *args, int64_t begin, int64_t end, int part);

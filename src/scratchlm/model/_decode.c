@@ -7,7 +7,8 @@
  * against them), without what it costs to run them one PyTorch operation at a time: a small model's
  * step is ~15 operations a layer of a few microseconds of work each, and their dispatch took more time
  * than reading the weights did. Here the GIL is released once, each product is spread over the OpenMP
- * threads, and everything else runs in place.
+ * threads (or, with many rows, each thread takes whole sequences through the step), and everything else
+ * runs in place.
  *
  * Weights (per layer, addresses in a row of the `layers` table): q|k|v stacked, the output projection,
  * w1|w3 stacked and w2, each packed (`kernels.pack_weight`: tiled, in one format for the step, float32,
@@ -19,15 +20,18 @@
 #include "_matvec.h"
 
 /* The columns of the `layers` table, one row per layer. */
-enum { LN1, QKV, QKV_SCALE, WO, WO_SCALE, LN2, W13, W13_SCALE, W2, W2_SCALE, K_CACHE, V_CACHE, FIELDS };
+enum { LN1, QKV, QKV_SCALE, WO, WO_SCALE, LN2, W13, W13_SCALE, W2, W2_SCALE, K_CACHE, V_CACHE,
+       QKV_PANELS, WO_PANELS, W13_PANELS, W2_PANELS, FIELDS };
 
 #define MAX_ROWS 256
+#define ROWS_PER_PART 32 /* the fewest rows a thread takes a step of its own for (see `step`) */
 
 typedef struct {
     int64_t rows, n_new, d, heads, kv_heads, d_head, d_ff; /* rows = sequences x n_new */
     const int64_t *past;   /* (sequences,): positions cached before this step, each sequence its own */
     const int64_t *start;  /* (sequences,): its first position (after left padding, which no row sees) */
-    int64_t longest;       /* the most keys a row attends to */
+    int64_t longest;       /* the most keys a row attends to, of any sequence in the whole step */
+    int64_t first_seq;     /* this part's first sequence in the caches (a step split over threads) */
     /* where a sequence's keys lie: contiguous caches (sequences, kv_heads, max_len, d_head), or, with
      * `tables`, a paged pool (rows of the pool, kv_heads, d_head), position t of sequence b at pool row
      * tables[b, t / block_size] * block_size + t % block_size */
@@ -62,9 +66,18 @@ static void run(RangeFn fn, const void *args, int64_t n, int threads) {
     for (int t = 0; t < threads; t++) fn(args, n * t / threads, n * (t + 1) / threads, t);
 }
 
-/* y (rows, d_out) = x (rows, d_in) W^T, W packed in the step's format (_matvec.h). */
-static void matvec(Step *s, const float *x, const void *w, const float *scale, float *y, int64_t d_in,
-                   int64_t d_out) {
+/* y (rows, d_out) = x (rows, d_in) W^T, W packed in the step's format (_matvec.h), or, where the step
+ * has PANEL_ROWS rows or more and float32 weights, from W's panels (NULL when the plan has none). */
+static void matvec(Step *s, const float *x, const void *w, const float *scale, const float *panels, float *y,
+                   int64_t d_in, int64_t d_out) {
+#ifdef X86
+    if (panels && s->rows >= PANEL_ROWS) {
+        const int64_t n = (d_out + PANEL - 1) / PANEL;
+        PanelArgs a = {x, panels, y, s->rows, d_in, d_out};
+        run(panels_range, &a, n, threads_for(n, PANEL * d_in * s->rows, s->threads));
+        return;
+    }
+#endif
     const int64_t groups = (d_out + 3) / 4, d_pad = padded(d_in, s->kind);
     MatvecArgs a = {s->kind, prepare_x(x, s->rows, d_in, s->kind, s->x_buffer, s->sx), w, scale, s->sx, y, s->rows,
                     d_pad, d_out};
@@ -95,7 +108,7 @@ VECTORIZED static void rope(float *v, const float *rot, int64_t heads, int64_t d
 /* Where key / value head g of position t of sequence b lies in a layer's cache (in floats). */
 INLINE int64_t kv_offset(const Step *s, int64_t b, int64_t g, int64_t t) {
     const int64_t row = s->key_rows[b * s->longest + t];
-    if (!s->tables) return ((b * s->kv_heads + g) * s->max_len + row) * s->d_head;
+    if (!s->tables) return (((s->first_seq + b) * s->kv_heads + g) * s->max_len + row) * s->d_head;
     return (row * s->kv_heads + g) * s->d_head;
 }
 
@@ -205,7 +218,12 @@ VECTORIZED static void swiglu_range(const void *args, int64_t begin, int64_t end
     for (int64_t r = begin; r < end; r++) {
         const float *gate = a->wide + r * 2 * d_ff, *up = gate + d_ff;
         float *out = a->out + r * d_ff;
-        for (int64_t i = 0; i < d_ff; i++) out[i] = gate[i] / (1.0f + exp_poly(-gate[i])) * up[i];
+        float e[EXP_BLOCK];
+        for (int64_t b = 0; b < d_ff; b += EXP_BLOCK) {
+            const int64_t m = d_ff - b < EXP_BLOCK ? d_ff - b : EXP_BLOCK;
+            exp_negated(gate + b, e, m);
+            for (int64_t i = 0; i < m; i++) out[b + i] = gate[b + i] / (1.0f + e[i]) * up[b + i];
+        }
     }
 }
 
@@ -219,7 +237,7 @@ static void block(Step *s, const int64_t *w, float *x, float *h, float *qkv, flo
     float *k_cache = (float *)at(w, K_CACHE), *v_cache = (float *)at(w, V_CACHE);
 
     rms_norm(x, at(w, LN1), h, rows, d, s->eps);
-    matvec(s, h, at(w, QKV), at(w, QKV_SCALE), qkv, d, width);
+    matvec(s, h, at(w, QKV), at(w, QKV_SCALE), at(w, QKV_PANELS), qkv, d, width);
     for (int64_t r = 0; r < rows; r++) {
         float *row = qkv + r * width;
         const int64_t b = r / s->n_new, position = s->past[b] + r % s->n_new;
@@ -237,26 +255,80 @@ static void block(Step *s, const int64_t *w, float *x, float *h, float *qkv, flo
     }
     AttentionArgs a = {s, qkv, k_cache, v_cache, att, scores};
     run(attention_range, &a, rows * s->heads, threads_for(rows * s->heads, s->longest * dh * 2, s->threads));
-    matvec(s, att, at(w, WO), at(w, WO_SCALE), h, q_dim, d);
+    matvec(s, att, at(w, WO), at(w, WO_SCALE), at(w, WO_PANELS), h, q_dim, d);
     for (int64_t i = 0; i < rows * d; i++) x[i] += h[i];
 
     rms_norm(x, at(w, LN2), h, rows, d, s->eps);
-    matvec(s, h, at(w, W13), at(w, W13_SCALE), wide, d, 2 * d_ff);
+    matvec(s, h, at(w, W13), at(w, W13_SCALE), at(w, W13_PANELS), wide, d, 2 * d_ff);
     SwigluArgs activation = {wide, ff, d_ff};
     run(swiglu_range, &activation, rows, threads_for(rows, 8 * d_ff, s->threads)); /* exp: ~8 element-costs */
-    matvec(s, ff, at(w, W2), at(w, W2_SCALE), h, d_ff, d);
+    matvec(s, ff, at(w, W2), at(w, W2_SCALE), at(w, W2_PANELS), h, d_ff, d);
     for (int64_t i = 0; i < rows * d; i++) x[i] += h[i];
+}
+
+/* The activations a part of the step works in, besides its rows of x and of the logits. */
+typedef struct {
+    float *h, *qkv, *att, *wide, *ff, *scores;
+    void *x_buffer;
+} Buffers;
+
+static void free_buffers(Buffers *b) {
+    free(b->h), free(b->qkv), free(b->att), free(b->wide), free(b->ff), free(b->scores), free(b->x_buffer);
+}
+
+static int alloc_buffers(Buffers *b, const Step *s) {
+    const int64_t rows = s->rows, d = s->d, q_dim = s->heads * s->d_head, d_ff = s->d_ff;
+    const int64_t width = q_dim + 2 * s->kv_heads * s->d_head;
+    const int64_t wide_in = padded(d > d_ff ? d : d_ff, s->kind);
+    b->h = malloc(sizeof(float) * rows * (d > q_dim ? d : q_dim));
+    b->qkv = malloc(sizeof(float) * rows * width);
+    b->att = malloc(sizeof(float) * rows * q_dim);
+    b->wide = malloc(sizeof(float) * rows * 2 * d_ff), b->ff = malloc(sizeof(float) * rows * d_ff);
+    b->scores = malloc(sizeof(float) * (s->threads > 0 ? s->threads : 1) * padded_keys(s->longest));
+    b->x_buffer = malloc(sizeof(float) * rows * wide_in);
+    if (b->h && b->qkv && b->att && b->wide && b->ff && b->scores && b->x_buffer) return 0;
+    free_buffers(b);
+    return -1;
+}
+
+typedef struct {
+    const int64_t *table;
+    int64_t n_layers, vocab;
+    const float *ln_final, *head_scale, *head_panels;
+    const void *head;
+} Model;
+
+/* Every block, the final norm and the LM head for the rows of `s`: x (rows, d) in place, logits (rows,
+ * vocab). Returns -1 when its buffers cannot be allocated (nothing computed). */
+static int forward(Step *s, const Model *m, float *x, float *logits) {
+    Buffers b = {0};
+    if (alloc_buffers(&b, s)) return -1;
+    s->x_buffer = b.x_buffer;
+    for (int64_t l = 0; l < m->n_layers; l++) block(s, m->table + l * FIELDS, x, b.h, b.qkv, b.att, b.wide, b.ff, b.scores);
+    rms_norm(x, m->ln_final, b.h, s->rows, s->d, s->eps);
+    matvec(s, b.h, m->head, m->head_scale, m->head_panels, logits, s->d, m->vocab);
+    free_buffers(&b);
+    return 0;
+}
+
+/* Sequences [first, end) of the step as a step of their own, computed on one thread. */
+static Step part_of(const Step *s, int64_t first, int64_t end) {
+    Step p = *s;
+    p.rows = (end - first) * s->n_new, p.first_seq = s->first_seq + first;
+    p.past += first, p.start += first, p.key_rows += first * s->longest, p.threads = 1;
+    return p;
 }
 
 static PyObject *step(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long x, layers, rotations, ln_final, head, head_scale, logits, past, start, tables;
+    unsigned long long x, layers, rotations, ln_final, head, head_scale, head_panels, logits, past, start, tables;
     long long n_layers, seqs, n_new, d, heads, kv_heads, d_head, d_ff, max_len, max_blocks, block_size, vocab;
     float eps;
     int kind, threads;
-    if (!PyArg_ParseTuple(args, "KKLLLLLLLLKKLKLLKfiKKKLKi", &x, &layers, &n_layers, &seqs, &n_new, &d, &heads,
+    if (!PyArg_ParseTuple(args, "KKLLLLLLLLKKLKLLKfiKKKKLKi", &x, &layers, &n_layers, &seqs, &n_new, &d, &heads,
                           &kv_heads, &d_head, &d_ff, &past, &start, &max_len, &tables, &max_blocks, &block_size,
-                          &rotations, &eps, &kind, &ln_final, &head, &head_scale, &vocab, &logits, &threads))
+                          &rotations, &eps, &kind, &ln_final, &head, &head_scale, &head_panels, &vocab, &logits,
+                          &threads))
         return NULL;
     const int64_t rows = seqs * n_new, *pasts = PTR(const int64_t, past);
     int64_t longest = 0;
@@ -266,37 +338,42 @@ static PyObject *step(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "decode step: bad shape");
         return NULL;
     }
-    Step s = {rows, n_new, d, heads, kv_heads, d_head, d_ff, pasts, PTR(const int64_t, start), longest, max_len,
+    Step s = {rows, n_new, d, heads, kv_heads, d_head, d_ff, pasts, PTR(const int64_t, start), longest, 0, max_len,
               PTR(const int64_t, tables),
               max_blocks, block_size, NULL, eps, kind, threads, PTR(const float, rotations), NULL, {0}};
-    const int64_t width = (heads + 2 * kv_heads) * d_head, wide_in = padded(d > d_ff ? d : d_ff, kind);
-    float *h = malloc(sizeof(float) * rows * (d > heads * d_head ? d : heads * d_head));
-    float *qkv = malloc(sizeof(float) * rows * width);
-    float *att = malloc(sizeof(float) * rows * heads * d_head);
-    float *wide = malloc(sizeof(float) * rows * 2 * d_ff), *ff = malloc(sizeof(float) * rows * d_ff);
-    float *scores = malloc(sizeof(float) * (threads > 0 ? threads : 1) * padded_keys(longest));
-    s.x_buffer = malloc(sizeof(float) * rows * wide_in);
     s.key_rows = malloc(sizeof(int64_t) * seqs * longest);
-    if (!h || !qkv || !att || !wide || !ff || !scores || !s.x_buffer || !s.key_rows) {
-        free(h), free(qkv), free(att), free(wide), free(ff), free(scores), free(s.x_buffer), free(s.key_rows);
-        return PyErr_NoMemory();
-    }
-    float *state = PTR(float, x);
-    const int64_t *table = PTR(const int64_t, layers);
+    if (!s.key_rows) return PyErr_NoMemory();
+    const Model m = {PTR(const int64_t, layers), n_layers, vocab, PTR(const float, ln_final),
+                     PTR(const float, head_scale), PTR(const float, head_panels), PTR(const void, head)};
+    float *state = PTR(float, x), *out = PTR(float, logits);
+    /* Many rows: each thread takes whole sequences through the whole step, reading all the weights, not a
+     * share of every product's outputs: no barrier between the operations, and each thread's activations
+     * stay in its own core's cache. Few rows: the products, bound by reading the weights, split them. */
+    const int parts = seqs >= threads && rows >= ROWS_PER_PART * threads ? threads : 1;
+    int failed = 0;
     Py_BEGIN_ALLOW_THREADS
     find_key_rows(&s, seqs);
-    for (int64_t l = 0; l < n_layers; l++) block(&s, table + l * FIELDS, state, h, qkv, att, wide, ff, scores);
-    rms_norm(state, PTR(const float, ln_final), h, rows, d, eps);
-    matvec(&s, h, PTR(const void, head), PTR(const float, head_scale), PTR(float, logits), d, vocab);
+    if (parts == 1) {
+        failed = forward(&s, &m, state, out);
+    } else {
+#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : failed)
+        for (int t = 0; t < parts; t++) {
+            const int64_t first = seqs * t / parts, end = seqs * (t + 1) / parts;
+            Step p = part_of(&s, first, end);
+            failed |= forward(&p, &m, state + first * n_new * d, out + first * n_new * vocab);
+        }
+    }
     Py_END_ALLOW_THREADS
-    free(h), free(qkv), free(att), free(wide), free(ff), free(scores), free(s.x_buffer), free(s.key_rows);
+    free(s.key_rows);
+    if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"step", step, METH_VARARGS,
      "step(x, layers, n_layers, seqs, n_new, d, heads, kv_heads, d_head, d_ff, past, start, max_len, tables, max_blocks, "
-     "block_size, rotations, eps, kind, ln_final, head, head_scale, vocab, logits, threads): x (seqs * n_new, d) -> "
+     "block_size, rotations, eps, kind, ln_final, head, head_scale, head_panels, vocab, logits, threads): "
+     "x (seqs * n_new, d) -> "
      "logits (seqs * n_new, vocab)"},
     {NULL, NULL, 0, NULL},
 };
@@ -308,6 +385,7 @@ PyMODINIT_FUNC PyInit__decode(void) {
     matvec_init();
     PyObject *m = PyModule_Create(&module);
     if (m && (PyModule_AddIntConstant(m, "FIELDS", FIELDS) < 0 || PyModule_AddIntConstant(m, "MAX_ROWS", MAX_ROWS) < 0 ||
+              PyModule_AddIntConstant(m, "PANEL_ROWS", use_avx512 ? PANEL_ROWS : 0) < 0 ||
               PyModule_AddStringConstant(m, "F32_PATH", path_name[F32]) < 0)) {
         Py_DECREF(m);
         return NULL;

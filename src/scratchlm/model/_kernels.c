@@ -35,7 +35,12 @@ typedef struct {
 
 VECTORIZED static void swiglu_forward_loop(const float *restrict g, const float *restrict u, float *restrict a,
                                            int64_t n) {
-    for (int64_t i = 0; i < n; i++) a[i] = g[i] / (1.0f + exp_poly(-g[i])) * u[i];
+    float e[EXP_BLOCK];
+    for (int64_t b = 0; b < n; b += EXP_BLOCK) {
+        const int64_t m = n - b < EXP_BLOCK ? n - b : EXP_BLOCK;
+        exp_negated(g + b, e, m);
+        for (int64_t i = 0; i < m; i++) a[b + i] = g[b + i] / (1.0f + e[i]) * u[b + i];
+    }
 }
 
 /* d a / d g = u * sigmoid(g) * (1 + g * (1 - sigmoid(g))),  d a / d u = silu(g). (Pointer arguments
@@ -44,10 +49,15 @@ VECTORIZED static void swiglu_forward_loop(const float *restrict g, const float 
 VECTORIZED static void swiglu_backward_loop(const float *restrict g, const float *restrict u,
                                             const float *restrict grad_a, float *restrict grad_g,
                                             float *restrict grad_u, int64_t n) {
-    for (int64_t i = 0; i < n; i++) {
-        float sig = 1.0f / (1.0f + exp_poly(-g[i]));
-        grad_g[i] = grad_a[i] * u[i] * sig * (1.0f + g[i] * (1.0f - sig));
-        grad_u[i] = grad_a[i] * g[i] * sig;
+    float e[EXP_BLOCK];
+    for (int64_t b = 0; b < n; b += EXP_BLOCK) {
+        const int64_t m = n - b < EXP_BLOCK ? n - b : EXP_BLOCK;
+        exp_negated(g + b, e, m);
+        for (int64_t i = b; i < b + m; i++) {
+            const float sig = 1.0f / (1.0f + e[i - b]);
+            grad_g[i] = grad_a[i] * u[i] * sig * (1.0f + g[i] * (1.0f - sig));
+            grad_u[i] = grad_a[i] * g[i] * sig;
+        }
     }
 }
 

@@ -414,4 +414,89 @@ static const void *prepare_x(const float *x, int64_t rows, int64_t d_in, int kin
     return out;
 }
 
+/* ---- many rows: the panel layout (float32, AVX-512) ----
+ *
+ * With many rows (a GRPO step's rollouts: 128 a thread) the products are bound by arithmetic, not by
+ * reading W, and the dot products above spend a quarter of their instructions summing across lanes.
+ * The panel layout (`kernels.panels`) serves outer products instead: W's rows (outputs) in panels of
+ * sixteen, each panel stored input by input (panel p, input i: W[16p .. 16p+15, i], 64 bytes), zero rows
+ * padding the last panel. Eight rows of x against two panels: each input loads two vectors of W,
+ * broadcasts eight elements of x, and makes sixteen multiply-adds into sixteen sums that are already
+ * the outputs, so nothing is reduced across lanes; x's eight rows stay in L1, W streams from L2. */
+#define PANEL 16
+#define PANEL_ROWS 8                 /* rows a tile */
+#define PANEL_BLOCK_BYTES (256 << 10) /* W's panels that one pass of the row tiles reads (in L2) */
+
+typedef struct {
+    const float *x;      /* (rows, d_in) */
+    const float *panels; /* (ceil(d_out / 16), d_in, 16) */
+    float *y;            /* (rows, d_out) */
+    int64_t rows, d_in, d_out;
+} PanelArgs;
+
+#ifdef X86
+/* y[r, 16p + j] for rows r < mr and panels p < np, x's rows x_stride apart; `outputs` of the np * 16 are
+ * real (the rest is padding, not stored). mr and np are constants where it is called, so it unrolls. */
+__attribute__((target("avx512f"))) INLINE void panel_tile(const float *x, int64_t x_stride, const float *w,
+                                                          int64_t d_in, int mr, int np, float *y,
+                                                          int64_t y_stride, int64_t outputs) {
+    __m512 acc[PANEL_ROWS][2];
+    for (int r = 0; r < mr; r++)
+        for (int p = 0; p < np; p++) acc[r][p] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d_in; i++) {
+        __m512 b[2];
+        for (int p = 0; p < np; p++) b[p] = _mm512_loadu_ps(w + (p * d_in + i) * PANEL);
+        for (int r = 0; r < mr; r++) {
+            const __m512 a = _mm512_set1_ps(x[r * x_stride + i]);
+            for (int p = 0; p < np; p++) acc[r][p] = _mm512_fmadd_ps(a, b[p], acc[r][p]);
+        }
+    }
+    for (int p = 0; p < np; p++) {
+        const int64_t left = outputs - p * PANEL;
+        const __mmask16 mask = left >= PANEL ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        for (int r = 0; r < mr; r++) _mm512_mask_storeu_ps(y + r * y_stride + p * PANEL, mask, acc[r][p]);
+    }
+}
+
+/* Every row's outputs in the panels [begin, end): the unit of work callers spread over threads. The
+ * panels go in blocks of PANEL_BLOCK_BYTES, which stay in L2 while every row's tile passes them: a
+ * large W (SmolLM2's) is read from memory once, not once per tile. */
+__attribute__((target("avx512f"), unused)) static void panels_range(const void *args, int64_t begin, int64_t end,
+                                                                   int part) {
+    (void)part;
+    const PanelArgs *s = args;
+    const int64_t d_in = s->d_in, d_out = s->d_out;
+    int64_t block = PANEL_BLOCK_BYTES / (d_in * PANEL * (int64_t)sizeof(float));
+    block = block < 2 ? 2 : block / 2 * 2; /* whole pairs */
+    for (int64_t first = begin; first < end; first += block) {
+        const int64_t last = first + block < end ? first + block : end;
+        for (int64_t r = 0; r < s->rows; r += PANEL_ROWS) {
+            const int64_t tile_rows = s->rows - r < PANEL_ROWS ? s->rows - r : PANEL_ROWS;
+            for (int64_t p = first; p < last; p += 2) {
+                const float *w = s->panels + p * PANEL * d_in;
+                const int two = p + 1 < last;
+                const int64_t outputs = d_out - p * PANEL;
+                for (int64_t q = 0; q < tile_rows;) { /* eight rows at once, then the rest one by one */
+                    const float *x = s->x + (r + q) * d_in;
+                    float *y = s->y + (r + q) * d_out + p * PANEL;
+                    if (tile_rows - q == PANEL_ROWS) {
+                        if (two)
+                            panel_tile(x, d_in, w, d_in, PANEL_ROWS, 2, y, d_out, outputs);
+                        else
+                            panel_tile(x, d_in, w, d_in, PANEL_ROWS, 1, y, d_out, outputs);
+                        q += PANEL_ROWS;
+                    } else {
+                        if (two)
+                            panel_tile(x, d_in, w, d_in, 1, 2, y, d_out, outputs);
+                        else
+                            panel_tile(x, d_in, w, d_in, 1, 1, y, d_out, outputs);
+                        q += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+#endif
+
 #endif

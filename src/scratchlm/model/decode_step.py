@@ -16,7 +16,10 @@ docs/benchmarks.md). The modules remain the definition; this path is checked aga
 
 The weights (the LM head's too) are packed once per format (`kernels.pack_weight`: float32, bfloat16
 or int8 per output channel) into a `DecodePlan` kept on the model, a copy of the weights in that
-format, rebuilt when a weight changes (its version counter) or the format does.
+format, rebuilt when a weight changes (its version counter) or the format does. A float32 plan adds
+the panel layout (`kernels.panels`, a second copy) the first time a step has `_decode.PANEL_ROWS` rows
+or more, which such steps multiply by (outer products, `_matvec.h`); a step of 32 rows a thread or
+more is split by sequences over the threads (`_decode.c`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ except ImportError:
 
 # the columns of a layer's row in the plan's table (the enum of _decode.c)
 LN1, QKV, QKV_SCALE, WO, WO_SCALE, LN2, W13, W13_SCALE, W2, W2_SCALE, K_CACHE, V_CACHE = range(12)
+QKV_PANELS, WO_PANELS, W13_PANELS, W2_PANELS = range(12, 16)
+PANELS_OF = {QKV: QKV_PANELS, WO: WO_PANELS, W13: W13_PANELS, W2: W2_PANELS}
 
 
 class DecodePlan:
@@ -47,14 +52,7 @@ class DecodePlan:
         self.keep: list[Tensor] = []  # what the table's addresses point into
         self.table = torch.zeros(len(model.layers), _decode.FIELDS, dtype=torch.int64)
         for i, layer in enumerate(model.layers):
-            attn, ffn = layer.attn, layer.ffn
-            matrices = {
-                QKV: torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-                WO: attn.output_proj.weight,
-                W13: torch.cat([ffn.w1.weight, ffn.w3.weight]),
-                W2: ffn.w2.weight,
-            }
-            for column, weight in matrices.items():
+            for column, weight in self._matrices(layer).items():
                 packed = kernels.pack_weight(weight, kind)
                 self._put(i, column, packed.data)
                 if packed.scale is not None:
@@ -63,6 +61,26 @@ class DecodePlan:
             self._put(i, LN2, layer.ln2.weight.detach().float().contiguous())
         self.ln_final = model.ln_final.weight.detach().float().contiguous()
         self.head = kernels.pack_weight(model.lm_head.weight, kind)
+        self.head_panels: Tensor | None = None  # built by `add_panels`, the first time a step has many rows
+
+    @staticmethod
+    def _matrices(layer) -> dict[int, Tensor]:
+        """A layer's products by their column: q|k|v and w1|w3 stacked, as the step computes them."""
+        attn, ffn = layer.attn, layer.ffn
+        return {
+            QKV: torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+            WO: attn.output_proj.weight,
+            W13: torch.cat([ffn.w1.weight, ffn.w3.weight]),
+            W2: ffn.w2.weight,
+        }
+
+    def add_panels(self, model) -> None:
+        """The float32 weights in the panel layout too (`kernels.panels`), which a step of `PANEL_ROWS`
+        rows or more multiplies by: a second copy of the weights, made only for such steps."""
+        for i, layer in enumerate(model.layers):
+            for column, weight in self._matrices(layer).items():
+                self._put(i, PANELS_OF[column], kernels.panels(weight))
+        self.head_panels = kernels.panels(model.lm_head.weight)
 
     def _put(self, layer: int, column: int, tensor: Tensor) -> None:
         self.keep.append(tensor)
@@ -160,6 +178,8 @@ def step(model, token_ids: Tensor, caches, layout: dict) -> Tensor:
     if plan is None or not plan.matches(kind):
         plan = model._decode_plan = DecodePlan(model, kind)
     seqs, n_new = token_ids.shape
+    if kind == "float32" and 0 < _decode.PANEL_ROWS <= seqs * n_new and plan.head_panels is None:
+        plan.add_panels(model)
     table = plan.table.clone()
     for i, (k, v) in enumerate(zip(layout["k"], layout["v"], strict=True)):
         table[i, K_CACHE], table[i, V_CACHE] = k.data_ptr(), v.data_ptr()
@@ -175,7 +195,8 @@ def step(model, token_ids: Tensor, caches, layout: dict) -> Tensor:
         0 if tables is None else tables.shape[1], layout["block_size"],
         0 if rotations is None else rotations.data_ptr(), c.norm_eps, kernels.PACKED_KINDS[kind],
         plan.ln_final.data_ptr(), plan.head.data.data_ptr(),
-        0 if plan.head.scale is None else plan.head.scale.data_ptr(), c.vocab_size, logits.data_ptr(),
+        0 if plan.head.scale is None else plan.head.scale.data_ptr(),
+        0 if plan.head_panels is None else plan.head_panels.data_ptr(), c.vocab_size, logits.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
     if tables is None:

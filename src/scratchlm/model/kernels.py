@@ -280,6 +280,15 @@ def tile(w: Tensor) -> Tensor:
     return padded.view(groups, 4, chunks, chunk).transpose(1, 2).contiguous()
 
 
+def panels(w: Tensor) -> Tensor:
+    """(d_out, d_in) float32 -> (ceil(d_out / 16), d_in, 16): the panel layout of `_matvec.h`, for the
+    products of many rows at once (outputs in panels of sixteen, each stored input by input)."""
+    d_out, d_in = w.shape
+    padded = w.detach().float().new_zeros(-(-d_out // 16) * 16, d_in)
+    padded[:d_out] = w.detach()
+    return padded.view(-1, 16, d_in).transpose(1, 2).contiguous()
+
+
 def pack_weight(weight: Tensor, kind: str) -> PackedWeight:
     """`weight` (d_out, d_in) packed as `kind` for `packed_linear` and the decoding step."""
     w = weight.detach()
