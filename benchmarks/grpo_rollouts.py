@@ -7,6 +7,10 @@ for the same samples: P prompts x G samples at temperature 1, `num_return_sequen
 Without a run, a model of the align speedrun's shape (d_model 128, 4 layers, vocab 257) with random
 weights. Both sides generate exactly `NEW_TOKENS` per sample (no end-of-text stop), so they do the
 same work. Target (issue 18): >= 2x the peer's samples/s.
+
+A third column: the same samples through the serving engine (`scratchlm.serve.engine`, continuous
+batching over the paged cache, one request per sample, all 256 running at once), the alternative
+rollouts could take.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, table
 
 PROMPTS, GROUP, NEW_TOKENS = 32, 8, 20
-HEADERS = ["prompts x samples", "scratchlm samples/s", "transformers samples/s", "ratio"]
+HEADERS = ["prompts x samples", "scratchlm samples/s", "transformers samples/s", "ratio", "engine samples/s"]
 
 
 class NoStopTokenizer:
@@ -47,6 +51,7 @@ def main() -> None:
     from scratchlm.infer.export import export_huggingface
     from scratchlm.infer.generate import Sampling, load_run
     from scratchlm.model import ModelConfig, TransformerLM
+    from scratchlm.serve.engine import Engine
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", default=None)
@@ -78,18 +83,26 @@ def main() -> None:
                                 use_cache=True, pad_token_id=0, eos_token_id=None)  # fmt: skip
         return out.shape[0]
 
-    times: dict[str, list[float]] = {"ours": [], "peer": []}
+    def run_engine() -> int:
+        samples = PROMPTS * GROUP
+        engine = Engine(ours, tokenizer, num_blocks=samples * 3, block_size=16, max_batch=samples, token_budget=4096)
+        for i, prompt in enumerate(p for p in prompts for _ in range(GROUP)):
+            engine.add_request(prompt, Sampling(temperature=1.0, top_p=1.0, max_new_tokens=NEW_TOKENS, seed=i))
+        return len(engine.run())
+
+    times: dict[str, list[float]] = {"ours": [], "peer": [], "engine": []}
     for _ in range(3):  # alternate rounds; the median counts
-        for name, fn in (("ours", run_ours), ("peer", run_peer)):
+        for name, fn in (("ours", run_ours), ("peer", run_peer), ("engine", run_engine)):
             start = time.perf_counter()
             assert fn() == PROMPTS * GROUP
             times[name].append(time.perf_counter() - start)
     ours_rate = PROMPTS * GROUP / statistics.median(times["ours"])
     peer_rate = PROMPTS * GROUP / statistics.median(times["peer"])
+    engine_rate = PROMPTS * GROUP / statistics.median(times["engine"])
     print(f"machine: {machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{NEW_TOKENS} new tokens per sample; {ours.num_parameters():,} parameters\n")  # fmt: skip
     print(table(HEADERS, [[f"{PROMPTS} x {GROUP}", f"{ours_rate:,.1f}", f"{peer_rate:,.1f}",
-                           f"{ours_rate / peer_rate:.2f}"]]))  # fmt: skip
+                           f"{ours_rate / peer_rate:.2f}", f"{engine_rate:,.1f}"]]))  # fmt: skip
 
 
 if __name__ == "__main__":
