@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.scaling.fit import Parametric, envelope, fit_all, isoflop_parabolas, parametric
+from scratchlm.scaling.fit import Parametric, backtest, envelope, fit_all, isoflop_parabolas, parametric
 from scratchlm.scaling.points import Run, by_budget, load_runs
 
 ISOFLOPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "scaling" / "isoflops_curves.json"
@@ -100,6 +100,25 @@ def test_a_budget_that_does_not_bracket_its_minimum_is_left_out_of_approach_2():
     assert 1e18 not in frontier.budgets and len(frontier.budgets) == len(BUDGETS)
 
 
+def test_the_backtest_predicts_the_largest_budget_from_the_others():
+    runs = grid(SYNTHETIC, BUDGETS)
+    exact = backtest(runs)
+    assert exact["budget"] == 1e17 and exact["runs"] == 7 and exact["extrapolation"] == pytest.approx(1e17 / 3e16)
+    assert exact["approach 3"]["mean abs error"] < 1e-5 and exact["approach 2"]["ratio"] == pytest.approx(1, abs=0.02)
+    # a largest budget 5% below the law (a change of regime the smaller budgets cannot show): approach 3,
+    # fitted on the others, is 1 / 0.95 - 1 too high on every run; the budget's parabola keeps its minimum
+    shifted = [Run(r.parameters, r.tokens, r.compute, r.loss * (0.95 if r.compute == 1e17 else 1)) for r in runs]
+    test = backtest(shifted)
+    three = test["approach 3"]
+    assert three["mean abs error"] == pytest.approx(1 / 0.95 - 1, rel=1e-4)
+    assert three["best error"] == pytest.approx(1 / 0.95 - 1, rel=1e-4)
+    best = min((r for r in shifted if r.compute == 1e17), key=lambda r: r.loss)
+    assert three["best n"] == best.parameters and three["best measured"] == best.loss
+    assert three["best predicted"] == pytest.approx(float(SYNTHETIC.loss(best.parameters, best.tokens)), rel=1e-5)
+    assert test["approach 2"]["ratio"] == pytest.approx(exact["approach 2"]["ratio"], rel=1e-9)
+    assert backtest([r for r in runs if r.compute <= 3e15]) is None  # two budgets: nothing to hold out
+
+
 def test_runs_load_from_csv_with_c_or_d_left_out(tmp_path):
     path = tmp_path / "runs.csv"
     path.write_text("N,D,loss\n1e6,2e7,3.5\n2e6,1e7,3.4\n4e6,5e6,3.6\n")
@@ -140,6 +159,8 @@ def test_fit_command_prints_predictions_and_writes_plots(tmp_path):
         assert (tmp_path / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = subprocess.run(command, capture_output=True, text=True).stdout
     assert "approach 2 (IsoFLOP parabolas): N_opt ∝ C^" in table and "prediction at 1.000e+18 FLOPs:" in table
+    assert "backtest: refitted without the 1.00e+17 budget's 7 runs" in table
+    assert "approach 3: loss off by 0.0%" in table
 
 
 def test_candidate_shapes_are_judged_with_their_own_flops_per_token():

@@ -68,7 +68,7 @@ typedef void (*RangeFn)(const void *args, int64_t begin, int64_t end, int part);
  * runtime and so the same worker threads (its own POSIX threads were 2x slower: they competed with
  * PyTorch's, which spin-wait for work after each operation). `cost` is the number of elements each of
  * the n items touches. Returns the number of parts. */
-static int parallel_for(RangeFn fn, const void *args, int64_t n, int64_t cost, int threads) {
+static inline int parallel_for(RangeFn fn, const void *args, int64_t n, int64_t cost, int threads) {
     int64_t useful = (n * cost) / MIN_ELEMENTS_PER_THREAD;
     if (threads > useful) threads = (int)(useful > 1 ? useful : 1);
     if (threads > n) threads = (int)(n > 1 ? n : 1);

@@ -12,7 +12,8 @@
    with C = 6 N D: N_opt = G (C / 6)^(beta / (alpha + beta)), G = (alpha A / (beta B))^(1 / (alpha + beta)).
 
 Every fit has bootstrap intervals: the runs are resampled with replacement (within each budget for
-1 and 2) and the fit repeated; the 2.5 and 97.5 percentiles bound each quantity.
+1 and 2) and the fit repeated; the 2.5 and 97.5 percentiles bound each quantity. And a backtest: the
+fits redone without the largest budget predict it, a check of the extrapolation before one is paid for.
 """
 
 from __future__ import annotations
@@ -220,6 +221,41 @@ def fit_approaches(runs: list[Run]) -> dict[str, Frontier | Parametric]:
     return {"approach 1": envelope(runs), "approach 2": isoflop_parabolas(runs), "approach 3": parametric(runs)}
 
 
+def backtest(runs: list[Run]) -> dict | None:
+    """The check a prediction can get before its budget is spent: refit without the largest budget and
+    predict that budget's runs, extrapolating by the ratio of the two largest budgets. Approach 3 predicts
+    each held-out run's loss from its N and D (the error is predicted / measured - 1); approach 2's power
+    law predicts N_opt there, against the minimum of that budget's own parabola. None with fewer than 3
+    budgets; an approach that cannot be fitted on what is left is left out."""
+    groups = by_budget(runs)
+    if len(groups) < 3:
+        return None
+    largest, *_ = budgets = sorted(groups, reverse=True)
+    held, rest = groups[largest], [r for c in budgets[1:] for r in groups[c]]
+    report: dict = {"budget": largest, "extrapolation": largest / budgets[1], "runs": len(held)}
+    try:
+        law = parametric(rest)
+    except ScratchLMError:
+        law = None
+    if law is not None:
+        measured = np.array([r.loss for r in held])
+        errors = law.loss([r.parameters for r in held], [r.tokens for r in held]) / measured - 1
+        best = int(np.argmin(measured))
+        report["approach 3"] = {"mean abs error": float(np.abs(errors).mean()), "best n": held[best].parameters,
+                                "best measured": float(measured[best]),
+                                "best predicted": float(measured[best] * (1 + errors[best])),
+                                "best error": float(errors[best])}  # fmt: skip
+    try:
+        before, after = isoflop_parabolas(rest), isoflop_parabolas(runs)
+    except ScratchLMError:
+        before = after = None
+    if before is not None and largest in after.budgets:
+        predicted, measured_n = before.n_law(largest), after.n_opt[after.budgets.index(largest)]
+        report["approach 2"] = {"predicted n_opt": predicted, "measured n_opt": measured_n,
+                                "ratio": predicted / measured_n}  # fmt: skip
+    return report
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A model shape the prediction may choose: its N and its exact training FLOPs per token (attention
@@ -241,7 +277,7 @@ def fit_all(
     """The three approaches (`fits`, fitted here if not given), their parameters and (for `target` FLOPs)
     predictions, each with a 95% bootstrap interval from `bootstrap` resamples. With `candidates`,
     approach 3 also predicts the loss of each candidate shape trained on target / its FLOPs per token
-    tokens, and which of them is best."""
+    tokens, and which of them is best. "backtest": the fits' prediction of their own largest budget."""
     rng = np.random.default_rng(seed)
     fits = fits or fit_approaches(runs)
     report = {}
@@ -265,7 +301,7 @@ def fit_all(
             "bootstrap": {"resamples": bootstrap, "used": len(next(iter(samples.values()), []))},
         }
     return {"runs": len(runs), "budgets": sorted(by_budget(runs)), "target": target, "approaches": report,
-            "candidates": [asdict(c) for c in candidates]}  # fmt: skip
+            "candidates": [asdict(c) for c in candidates], "backtest": backtest(runs)}  # fmt: skip
 
 
 def _summary(fitted: Frontier | Parametric, target: float | None, candidates: list[Candidate] = ()) -> dict:

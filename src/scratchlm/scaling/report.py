@@ -51,6 +51,16 @@ def format_fit(report: dict) -> str:
             )
         lines.append(f"  best: N {_with_interval(v, i, 'best candidate n', '.4g')}, "
                      f"tokens {_with_interval(v, i, 'best candidate d', '.4g')}")  # fmt: skip
+    if test := report.get("backtest"):
+        lines += ["", f"backtest: refitted without the {test['budget']:.2e} budget's {test['runs']} runs, then "
+                  f"predicting them ({test['extrapolation']:.3g}x beyond the budgets left):"]  # fmt: skip
+        if three := test.get("approach 3"):
+            lines.append(f"  approach 3: loss off by {100 * three['mean abs error']:.1f}% on average; the best run "
+                         f"(N {three['best n']:.4g}) {three['best predicted']:.4f} predicted, "
+                         f"{three['best measured']:.4f} measured ({100 * three['best error']:+.1f}%)")  # fmt: skip
+        if two := test.get("approach 2"):
+            lines.append(f"  approach 2: N_opt {two['predicted n_opt']:.4g} predicted, {two['measured n_opt']:.4g} "
+                         f"from the budget's own parabola ({two['ratio']:.2f}x)")  # fmt: skip
     if report.get("plots"):
         lines += ["", "plots: " + ", ".join(report["plots"])]
     return "\n".join(lines)
